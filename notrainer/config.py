@@ -1,0 +1,322 @@
+"""Run configuration: typed dataclasses, parsed with OmegaConf, validated before anything heavy.
+
+Keys are flat and named as in the Hugging Face `run_*_no_trainer.py` scripts and
+`TrainingArguments`; only optional features are nested (`lora.r`). A task adds its own keys
+by subclassing `TrainConfig` (see `tasks/clm.py`).
+
+    cfg, task_cls = parse_args(["task=clm", "learning_rate=3e-4", "config=run.yaml"])
+
+Precedence: dataclass defaults < the YAML file given as `config=` < `key=value` pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import UsageError, check
+
+
+def key(default: Any, help: str, group: str = "") -> Any:  # noqa: A002 - mirrors argparse
+    """A config field with its one-line doc (shown by `--help`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, "group": group})
+    return field(default=default, metadata={"help": help, "group": group})
+
+
+@dataclass
+class LoraConfig:
+    """`lora.*`: LoRA adapters through peft. Off while `r` is 0."""
+
+    r: int = key(0, "LoRA rank; 0 turns LoRA off")
+    alpha: int = key(16, "LoRA scaling alpha")
+    dropout: float = key(0.05, "dropout on the LoRA path")
+    target_modules: Optional[list[str]] = key(None, "module names to adapt; default chosen per architecture")
+    merge: bool = key(False, "also export merged full weights (loadable without peft) into output_dir/merged")
+
+
+@dataclass
+class TrainConfig:
+    """Keys every task shares. Task configs subclass this and add their own."""
+
+    # --- what to run
+    task: str = key("clm", "task name (clm, mlm, classification, ...), 'pkg.module:Class' or 'path/file.py:Class'", "run")
+    config: Optional[str] = key(None, "YAML file with keys; key=value pairs given after it override it", "run")
+    output_dir: Optional[str] = key(None, "run directory (default runs/<task>)", "run")
+    overwrite_output_dir: bool = key(False, "start over in an output_dir that already holds a run (deletes its checkpoints)", "run")
+    do_train: bool = key(True, "train", "run")
+    do_eval: bool = key(True, "evaluate on the validation set", "run")
+    do_predict: bool = key(False, "write predictions for test_file", "run")
+    seed: int = key(42, "seed for model init, data order, dropout", "run")
+
+    # --- model and tokenizer
+    model_name_or_path: Optional[str] = key(None, "pretrained model: local folder or hub name (default: tiny random model)", "model")
+    config_name: Optional[str] = key(None, "model config to train from scratch (folder or hub name)", "model")
+    tokenizer_name: Optional[str] = key(None, "tokenizer folder or hub name (default: model_name_or_path, else built-in)", "model")
+    model_class: Optional[str] = key(None, "model class 'pkg.module:Class' or a registered model_type (default: the task's Auto class)", "model")
+    trust_remote_code: bool = key(False, "allow model code from the hub", "model")
+    ignore_mismatched_sizes: bool = key(False, "load a checkpoint whose head has another size (re-initialises it)", "model")
+
+    # --- data
+    dataset_name: Optional[str] = key(None, "hub dataset name (online users)", "data")
+    dataset_config_name: Optional[str] = key(None, "hub dataset config", "data")
+    train_file: Optional[str] = key(None, "training data: .txt, .json, .jsonl, .csv, .tsv or .parquet", "data")
+    validation_file: Optional[str] = key(None, "validation data, same formats", "data")
+    test_file: Optional[str] = key(None, "data for do_predict, same formats", "data")
+    validation_split_percentage: int = key(5, "percent of train held out when there is no validation data", "data")
+    max_train_samples: Optional[int] = key(None, "truncate the training set (debugging)", "data")
+    max_eval_samples: Optional[int] = key(None, "truncate the validation set (debugging)", "data")
+    preprocessing_num_workers: Optional[int] = key(None, "processes for datasets.map", "data")
+    overwrite_cache: bool = key(False, "redo tokenization even if datasets has it cached", "data")
+    dataloader_num_workers: int = key(0, "DataLoader worker processes", "data")
+
+    # --- optimisation
+    num_train_epochs: float = key(3.0, "epochs (ignored when max_train_steps is set)", "optim")
+    max_train_steps: Optional[int] = key(None, "optimizer steps in total (overrides num_train_epochs)", "optim")
+    per_device_train_batch_size: int = key(8, "micro-batch size per process", "optim")
+    per_device_eval_batch_size: int = key(8, "eval batch size per process", "optim")
+    gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step", "optim")
+    learning_rate: float = key(5e-5, "peak learning rate", "optim")
+    weight_decay: float = key(0.0, "AdamW weight decay (not applied to biases and norms)", "optim")
+    adam_beta1: float = key(0.9, "AdamW beta1", "optim")
+    adam_beta2: float = key(0.999, "AdamW beta2", "optim")
+    adam_epsilon: float = key(1e-8, "AdamW epsilon", "optim")
+    lr_scheduler_type: str = key("linear", "linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, ...", "optim")
+    num_warmup_steps: int = key(0, "warmup optimizer steps", "optim")
+    warmup_ratio: float = key(0.0, "warmup as a fraction of max_train_steps (used when num_warmup_steps is 0)", "optim")
+    max_grad_norm: float = key(1.0, "clip the gradient norm to this; 0 disables clipping", "optim")
+
+    # --- speed and memory
+    mixed_precision: str = key("no", "no, fp16 or bf16", "speed")
+    gradient_checkpointing: bool = key(False, "recompute activations in backward to save memory", "speed")
+    torch_compile: bool = key(False, "compile the model with torch.compile", "speed")
+    torch_compile_mode: Optional[str] = key(None, "torch.compile mode (default, reduce-overhead, max-autotune)", "speed")
+
+    # --- evaluation, checkpoints, logging
+    eval_steps: Optional[int] = key(None, "evaluate every N optimizer steps (default: once per epoch)", "loop")
+    checkpointing_steps: Optional[str] = key(None, "checkpoint every N optimizer steps, or 'epoch'", "loop")
+    resume_from_checkpoint: Optional[str] = key(None, "'auto' (newest complete checkpoint in output_dir) or a checkpoint folder", "loop")
+    save_total_limit: Optional[int] = key(None, "keep only the newest N checkpoints", "loop")
+    logging_steps: int = key(10, "log train loss, lr, grad norm, tokens/s every N optimizer steps", "loop")
+    report_to: str = key("tensorboard", "tensorboard, wandb, all or none", "loop")
+
+    # --- optional features
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapters (lora.r, lora.alpha, ...)", "group": "lora"})
+
+    def resolved_output_dir(self) -> str:
+        return self.output_dir or os.path.join("runs", _short_task_name(self.task))
+
+    def validate(self) -> None:
+        """Cross-field checks that types alone cannot express. Raise UsageError."""
+        check(self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1")
+        check(self.per_device_eval_batch_size >= 1, "per_device_eval_batch_size must be >= 1")
+        check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
+        check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        check(self.max_train_steps is None or self.max_train_steps >= 1, "max_train_steps must be >= 1")
+        check(self.num_train_epochs > 0, "num_train_epochs must be > 0")
+        check(self.max_grad_norm >= 0, "max_grad_norm must be >= 0 (0 disables clipping)")
+        check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1)")
+        check(self.num_warmup_steps >= 0, "num_warmup_steps must be >= 0")
+        check(self.logging_steps >= 1, "logging_steps must be >= 1")
+        check(self.eval_steps is None or self.eval_steps >= 1, "eval_steps must be >= 1")
+        check(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit must be >= 1")
+        check(0 <= self.validation_split_percentage < 100, "validation_split_percentage must be in [0, 100)")
+        check(self.mixed_precision in ("no", "fp16", "bf16"),
+              f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        check(self.report_to in ("tensorboard", "wandb", "all", "none"),
+              f"report_to must be tensorboard, wandb, all or none, got {self.report_to!r}")
+        if self.checkpointing_steps is not None:
+            c = str(self.checkpointing_steps)
+            check(c == "epoch" or (c.isdigit() and int(c) > 0),
+                  f"checkpointing_steps must be a positive number of steps or 'epoch', got {c!r}")
+        from transformers import SchedulerType
+
+        names = [s.value for s in SchedulerType]
+        check(self.lr_scheduler_type in names,
+              f"lr_scheduler_type {self.lr_scheduler_type!r} is unknown{_did_you_mean(self.lr_scheduler_type, names)}; "
+              f"choose one of {', '.join(names)}")
+        check(self.lora.r >= 0, "lora.r must be >= 0")
+        for name in ("train_file", "validation_file"):
+            path = getattr(self, name)
+            if path is not None:
+                check(os.path.exists(path), f"{name}={path}: no such file")
+                check(os.path.isdir(path) or os.path.getsize(path) > 0, f"{name}={path}: the file is empty")
+        if self.do_predict:
+            check(self.test_file is not None or self.dataset_name is not None,
+                  "do_predict=true needs test_file=... (the data to predict on)")
+            if self.test_file is not None:
+                check(os.path.exists(self.test_file), f"test_file={self.test_file}: no such file")
+
+    @property
+    def checkpoint_every_epoch(self) -> bool:
+        return str(self.checkpointing_steps) == "epoch"
+
+    @property
+    def checkpoint_every_steps(self) -> Optional[int]:
+        c = self.checkpointing_steps
+        return int(c) if c is not None and str(c).isdigit() else None
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _short_task_name(task: str) -> str:
+    name = task.rsplit(":", 1)[-1]
+    return name.rsplit("/", 1)[-1].replace(".py", "").lower() or "run"
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def all_keys(config_cls: type) -> list[str]:
+    """Every dotted key a config class accepts, nested groups included."""
+    out = []
+    for f in dataclasses.fields(config_cls):
+        tp = f.type if not isinstance(f.type, str) else None
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            out += [f"{f.name}.{k}" for k in all_keys(type(default))]
+        else:
+            out.append(f.name)
+        del tp
+    return out
+
+
+def _split_argv(argv: list[str]) -> tuple[list[str], bool]:
+    want_help = False
+    pairs = []
+    for arg in argv:
+        if arg in ("-h", "--help", "help"):
+            want_help = True
+            continue
+        if arg.startswith("--") and "=" in arg:  # tolerate --key=value
+            arg = arg[2:]
+        check("=" in arg, f"expected key=value, got {arg!r} (for example: learning_rate=3e-4)")
+        pairs.append(arg)
+    return pairs, want_help
+
+
+def parse_args(argv: list[str] | None = None):
+    """Parse `key=value` arguments (and an optional `config=file.yaml`) into the task's config.
+
+    Returns (config, task_class). Prints help and exits when asked with --help.
+    """
+    from tasks import resolve_task  # tasks import notrainer; import here to avoid a cycle
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pairs, want_help = _split_argv(argv)
+    given = dict(p.split("=", 1) for p in pairs)
+
+    file_cfg = OmegaConf.create()
+    if given.get("config"):
+        path = given["config"]
+        check(os.path.isfile(path), f"config={path}: no such file")
+        try:
+            file_cfg = OmegaConf.load(path)
+        except Exception as e:  # yaml errors carry multi-line context; keep the first line
+            raise UsageError(f"config={path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        check(isinstance(file_cfg, type(OmegaConf.create())), f"config={path}: expected a mapping of key: value")
+
+    task_name = given.get("task") or file_cfg.get("task") or TrainConfig.task
+    task_cls = resolve_task(task_name)
+    config_cls = task_cls.Config
+
+    if want_help:
+        print(help_text(config_cls, task_cls))
+        raise SystemExit(0)
+
+    schema = OmegaConf.structured(config_cls)
+    try:
+        merged = OmegaConf.merge(schema, file_cfg, OmegaConf.from_dotlist(pairs))
+        merged.task = task_name
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise UsageError(_explain(e, config_cls)) from None
+    # The embedded default (no model given) trains a tiny model from scratch, which wants other
+    # settings than fine-tuning (a higher learning rate, more epochs): the task supplies them,
+    # and anything the user set explicitly wins.
+    if cfg.model_name_or_path is None and cfg.config_name is None:
+        given_keys = {p.split("=", 1)[0] for p in pairs} | set(OmegaConf.to_container(file_cfg).keys())
+        for name, value in getattr(task_cls, "embedded_defaults", {}).items():
+            if name not in given_keys:
+                setattr(cfg, name, value)
+    cfg.validate()
+    return cfg, task_cls
+
+
+def _explain(e: OmegaConfBaseException, config_cls: type) -> str:
+    """Turn an OmegaConf error into one line that says what to do."""
+    full_key = getattr(e, "full_key", None) or ""
+    kind = type(e).__name__
+    if "Key" in kind and ("not in" in str(e) or "not found" in str(e).lower() or kind == "ConfigKeyError"):
+        keys = all_keys(config_cls)
+        hint = _did_you_mean(full_key, keys) or " (see --help for the keys)"
+        return f"unknown key {full_key!r}{hint}"
+    if kind in ("ValidationError", "ConfigTypeError", "GrammarParseError") and full_key:
+        msg = str(e).splitlines()[0]
+        return f"{full_key}: {msg}"
+    return str(e).splitlines()[0]
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    """The resolved config as plain data (for config.yaml and trackers)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def save_yaml(cfg: TrainConfig, path: str) -> None:
+    tmp = path + ".tmp"
+    OmegaConf.save(OmegaConf.structured(cfg), tmp)
+    os.replace(tmp, path)
+
+
+def help_text(config_cls: type, task_cls: type | None = None) -> str:
+    titles = {
+        "run": "Run", "model": "Model and tokenizer", "data": "Data", "optim": "Optimisation",
+        "speed": "Speed and memory", "loop": "Evaluation, checkpoints, logging", "lora": "LoRA (peft)", "": "Task",
+    }
+    base_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    groups: dict[str, list[str]] = {}
+
+    def add(group: str, name: str, f: dataclasses.Field, default: Any) -> None:
+        tname = getattr(f.type, "__name__", None) or str(f.type).replace("typing.", "").replace("Optional", "optional")
+        groups.setdefault(group, []).append(f"  {name:<30} {f.metadata.get('help', '')}  [{tname}, default: {default}]")
+
+    for f in dataclasses.fields(config_cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if default is MISSING or default is dataclasses.MISSING:
+            default = "required"
+        if dataclasses.is_dataclass(default):
+            for sub in dataclasses.fields(type(default)):
+                add(f.metadata.get("group", f.name), f"{f.name}.{sub.name}", sub, getattr(default, sub.name))
+            continue
+        group = f.metadata.get("group", "") if f.name in base_names else "task"
+        add(group, f.name, f, default)
+
+    title = f"task={task_cls.name}" if task_cls is not None else "task"
+    embedded = getattr(task_cls, "embedded_defaults", None)
+    if embedded:
+        groups.setdefault("task", []).append(
+            "  (without model_name_or_path/config_name the tiny built-in model also uses: "
+            + ", ".join(f"{k}={v}" for k, v in embedded.items()) + ")")
+    lines = [
+        "usage: accelerate launch -m notrainer.run task=NAME [key=value ...] [config=run.yaml]",
+        "       python -m notrainer.run task=NAME --help     (adds that task's keys)",
+        "",
+    ]
+    order = ["task", "run", "model", "data", "optim", "speed", "loop", "lora"]
+    for g in order + [g for g in groups if g not in order]:
+        if g not in groups:
+            continue
+        lines.append(f"{title} keys:" if g == "task" else f"{titles.get(g, g)}:")
+        lines += groups[g]
+        lines.append("")
+    return "\n".join(lines)

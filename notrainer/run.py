@@ -1,0 +1,128 @@
+"""The command line: `accelerate launch -m notrainer.run task=clm key=value ...`.
+
+Order of work, every check before anything heavy:
+parse and validate the config -> check output_dir -> load raw data -> tokenizer -> model ->
+task checks -> tokenize -> dataloaders, optimizer, schedule -> Loop.fit() -> export.
+A mistake the user can fix is a `UsageError`: one line on stderr, exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+from .errors import UsageError
+
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(argv)
+    except UsageError as e:
+        if _is_rank0():
+            print(f"notrainer: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
+
+
+def check_output_dir(cfg) -> None:
+    """Never silently mix a new run into an old one, and never delete without being asked."""
+    from .checkpoint import checkpoint_root, list_checkpoints, resolve
+
+    out = cfg.output_dir
+    if cfg.resume_from_checkpoint:
+        resolve(out, cfg.resume_from_checkpoint)  # a bad path fails here, before anything runs
+        return
+    has_run = bool(list_checkpoints(out)) or os.path.isfile(os.path.join(out, "all_results.json"))
+    if has_run and cfg.do_train:
+        if not cfg.overwrite_output_dir:
+            raise UsageError(f"output_dir={out} already holds a run: resume_from_checkpoint=auto continues it, "
+                             "overwrite_output_dir=true starts over, or pick another output_dir")
+        if _is_rank0():
+            shutil.rmtree(checkpoint_root(out), ignore_errors=True)
+
+
+def build(cfg, task_cls):
+    """Everything `fit` needs, built in order: returns (loop, task)."""
+    import torch
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+
+    from .config import save_yaml, to_dict
+    from .loop import Loop, make_accelerator
+    from .optim import build_optimizer, scheduler_factory
+
+    acc = make_accelerator(cfg.output_dir, cfg.gradient_accumulation_steps, cfg.mixed_precision, cfg.report_to,
+                           cfg.seed, cfg.torch_compile, cfg.torch_compile_mode)
+    set_seed(cfg.seed)
+    task = task_cls(cfg)
+
+    # Data files are read (and cached) by the main process first; the others reuse its cache.
+    with acc.main_process_first():
+        raw = task.load_raw_datasets()
+    tokenizer = task.build_tokenizer(raw)
+    model = task.build_model(tokenizer)
+    task.check_model(model, tokenizer)
+    with acc.main_process_first():
+        ds = task.prepare_datasets(raw, tokenizer)
+
+    if cfg.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise UsageError(f"gradient_checkpointing=true: {type(model).__name__} does not support it")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model.config, "use_cache"):
+            model.config.use_cache = False
+
+    collate = task.collator(tokenizer)
+    pin = torch.cuda.is_available()
+    train_loader = None
+    if cfg.do_train:
+        if "train" not in ds:
+            raise UsageError("do_train=true but there is no training data")
+        train_loader = DataLoader(ds["train"], shuffle=True, batch_size=cfg.per_device_train_batch_size,
+                                  collate_fn=collate, num_workers=cfg.dataloader_num_workers, pin_memory=pin)
+    eval_loader = None
+    if cfg.do_eval and "validation" in ds:
+        eval_loader = DataLoader(ds["validation"], batch_size=cfg.per_device_eval_batch_size, collate_fn=collate,
+                                 num_workers=cfg.dataloader_num_workers, pin_memory=pin)
+
+    if acc.is_main_process:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        save_yaml(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+
+    optimizer = build_optimizer(model, cfg, acc.device)
+    loop = Loop(
+        model, optimizer, train_loader if train_loader is not None else [],
+        loss_fn=task.loss, eval_loader=eval_loader, scheduler=scheduler_factory(cfg),
+        max_train_steps=cfg.max_train_steps, num_train_epochs=cfg.num_train_epochs,
+        max_grad_norm=cfg.max_grad_norm, eval_steps=cfg.eval_steps, logging_steps=cfg.logging_steps,
+        checkpointing_steps=cfg.checkpointing_steps, save_total_limit=cfg.save_total_limit,
+        resume_from_checkpoint=cfg.resume_from_checkpoint, output_dir=cfg.output_dir, report_to=cfg.report_to,
+        num_items_fn=task.num_items, num_tokens_fn=task.num_tokens, eval_fn=task.eval_step,
+        metrics_fn=task.compute_metrics, tokenizer=tokenizer, config=to_dict(cfg), accelerator=acc,
+    )
+    return loop, task
+
+
+def run(argv: list[str] | None = None) -> dict:
+    from .config import parse_args
+
+    cfg, task_cls = parse_args(argv)
+    cfg.output_dir = cfg.resolved_output_dir()
+    check_output_dir(cfg)
+    loop, _task = build(cfg, task_cls)
+    if cfg.do_train:
+        return loop.fit()
+    results = loop.evaluate() if cfg.do_eval else {}
+    loop.write_results()
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main())

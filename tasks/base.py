@@ -1,0 +1,212 @@
+"""The Task contract: everything that differs between tasks, and nothing else.
+
+A task supplies its config keys, the model class, data preparation, the collator, the loss
+bookkeeping and the metrics. It never touches the optimizer, the accelerator or checkpoints:
+those belong to `notrainer.Loop`.
+
+Subclass a task to change one piece and run it with `task=my_pkg.my_module:MyTask`:
+
+    class MyTask(CLMTask):
+        def collator(self, tokenizer):
+            return my_collate
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Any
+
+import torch
+
+from notrainer import builtin, data
+from notrainer.config import TrainConfig
+from notrainer.errors import UsageError, check
+
+
+class Task:
+    #: short name used by `task=...` and the default output_dir
+    name: str = "base"
+    #: the task's config dataclass (a subclass of TrainConfig with the task's own keys)
+    Config: type = TrainConfig
+    #: name of the transformers Auto class that loads this task's model
+    auto_model: str = "AutoModel"
+    #: model type of the tiny random-init model used by the embedded default
+    tiny_model_type: str = "bert"
+    #: style of the built-in tokenizer: "bert" (adds [CLS]/[SEP]) or "gpt" (adds nothing)
+    tokenizer_style: str = "bert"
+    #: config values used when running on the built-in tiny model, unless the user sets them
+    embedded_defaults: dict[str, Any] = {}
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    # ------------------------------------------------------------------ data
+
+    def builtin_datasets(self):
+        """The embedded default data as a DatasetDict (train, validation): small, generated
+        offline, learnable by a tiny model."""
+        raise UsageError(f"task={self.name} has no built-in data: give train_file=...")
+
+    def load_raw_datasets(self):
+        return data.load_raw_datasets(self.cfg, builtin=self.builtin_datasets)
+
+    def prepare_datasets(self, raw, tokenizer):
+        """Raw DatasetDict -> tokenized DatasetDict with the same split names."""
+        raise NotImplementedError
+
+    def collator(self, tokenizer):
+        from transformers import default_data_collator
+
+        return default_data_collator
+
+    # ------------------------------------------------------------------ model
+
+    def tokenizer_texts(self, raw):
+        """Texts the built-in tokenizer is trained on (when no tokenizer is given)."""
+        raise UsageError(f"task={self.name} needs tokenizer_name=... or model_name_or_path=...")
+
+    def build_tokenizer(self, raw):
+        cfg = self.cfg
+        name = cfg.tokenizer_name or cfg.model_name_or_path or cfg.config_name
+        if name is None:
+            return builtin.train_tokenizer(self.tokenizer_texts(raw), style=self.tokenizer_style)
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code, **self.tokenizer_kwargs())
+        except Exception as e:
+            raise UsageError(f"tokenizer {name!r} could not be loaded: {_first_line(e)}") from None
+
+    def tokenizer_kwargs(self) -> dict:
+        return {}
+
+    def model_kwargs(self, tokenizer) -> dict:
+        """Extra config values for the model (e.g. num_labels, id2label)."""
+        return {}
+
+    def model_class(self):
+        """The class used to build the model: `model_class=` if given, else the task's Auto class."""
+        spec = self.cfg.model_class
+        if spec and ":" in spec:
+            return import_object(spec, "model_class")
+        import transformers
+
+        return getattr(transformers, self.auto_model)
+
+    def tiny_config(self, tokenizer):
+        return builtin.tiny_config(self.tiny_model_type, tokenizer, **self.model_kwargs(tokenizer))
+
+    def build_model(self, tokenizer) -> torch.nn.Module:
+        cfg, cls = self.cfg, self.model_class()
+        kwargs = self.model_kwargs(tokenizer)
+        try:
+            if cfg.model_name_or_path:
+                return cls.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code,
+                                           ignore_mismatched_sizes=cfg.ignore_mismatched_sizes, **kwargs)
+            if cfg.config_name:
+                from transformers import AutoConfig
+
+                config = AutoConfig.from_pretrained(cfg.config_name, trust_remote_code=cfg.trust_remote_code, **kwargs)
+            elif cfg.model_class and ":" not in cfg.model_class:  # a registered model_type
+                from transformers import AutoConfig
+
+                config = AutoConfig.for_model(cfg.model_class, **kwargs)
+            else:
+                config = self.tiny_config(tokenizer)
+            if hasattr(cls, "from_config"):
+                return cls.from_config(config, trust_remote_code=cfg.trust_remote_code) \
+                    if cls.__name__.startswith("Auto") else cls._from_config(config)
+            return cls(config)
+        except UsageError:
+            raise
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            what = cfg.model_name_or_path or cfg.config_name or cfg.model_class
+            hint = " (set ignore_mismatched_sizes=true to re-initialise the head)" if "size mismatch" in str(e) else ""
+            raise UsageError(f"model {what!r} could not be built: {_first_line(e)}{hint}") from None
+
+    def check_model(self, model, tokenizer) -> None:
+        """Checks that need both model and tokenizer; raise UsageError."""
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if emb is not None and hasattr(emb, "num_embeddings") and len(tokenizer) > emb.num_embeddings:
+            model.resize_token_embeddings(len(tokenizer))
+
+    # ------------------------------------------------------------------ training and evaluation
+
+    def loss(self, model, batch) -> torch.Tensor:
+        """Mean loss over the batch's items (see num_items)."""
+        return model(**batch).loss
+
+    def num_items(self, batch):
+        """How many items `loss` is a mean over (the loop weights micro-batches by it)."""
+        first = next(iter(batch.values()))
+        return first.shape[0]
+
+    def num_tokens(self, batch):
+        """Non-padding input tokens, for tokens/s."""
+        if "attention_mask" in batch:
+            return batch["attention_mask"].sum()
+        return batch["input_ids"].numel() if "input_ids" in batch else 0
+
+    def eval_step(self, model, batch) -> dict[str, torch.Tensor] | None:
+        """Per-example tensors to gather across ranks: "loss" (summed loss of each example) and
+        "num_items" feed eval_loss; any other key goes to compute_metrics. None: loss only."""
+        return None
+
+    def compute_metrics(self, outputs: dict[str, list], eval_loss: float | None) -> dict[str, float]:
+        """Metrics from the gathered outputs (lists of per-batch numpy arrays, keyed as
+        returned by eval_step). Keys get the eval_ prefix."""
+        return {}
+
+
+# ---------------------------------------------------------------------- helpers for tasks
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor, shift: bool = False) -> dict[str, torch.Tensor]:
+    """Per-example summed cross-entropy and target counts, for eval_step."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100,
+                                             reduction="none").sum(1)
+    return {"loss": loss, "num_items": (labels != -100).sum(1)}
+
+
+def safe_exp(x: float | None) -> float:
+    if x is None:
+        return float("nan")
+    return math.exp(x) if x < 700 else float("inf")
+
+
+def import_object(spec: str, what: str):
+    """'pkg.module:Name' or 'path/to/file.py:Name' -> the object."""
+    import importlib.util
+    import os
+    import sys
+
+    check(":" in spec, f"{what}={spec!r}: expected 'pkg.module:Name' or 'path/file.py:Name'")
+    module_part, attr = spec.rsplit(":", 1)
+    if module_part.endswith(".py"):
+        check(os.path.isfile(module_part), f"{what}={spec!r}: no such file {module_part}")
+        mod_name = os.path.splitext(os.path.basename(module_part))[0]
+        loader_spec = importlib.util.spec_from_file_location(mod_name, module_part)
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[mod_name] = module
+        loader_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_part)
+        except ModuleNotFoundError as e:
+            raise UsageError(f"{what}={spec!r}: cannot import {e.name!r}") from None
+    check(hasattr(module, attr), f"{what}={spec!r}: {module_part} has no {attr!r}")
+    return getattr(module, attr)
+
+
+def require_pad_token(tokenizer, why: str) -> None:
+    check(tokenizer.pad_token is not None,
+          f"the tokenizer has no pad token, which {why} needs; use a tokenizer with one "
+          f"(many users set pad_token = eos_token when saving the tokenizer)")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
