@@ -1,0 +1,35 @@
+"""Metrics that work offline.
+
+The metrics the tasks use ship with notrainer as local `evaluate` modules (one file each in
+this folder, computed with scikit-learn, scipy, seqeval, sacrebleu or rouge-score), so
+`evaluate.load` never needs the network for them. Any other name goes to `evaluate.load`,
+which fetches it from the hub for users who are online (`metric=<name>`).
+
+    metric = load_metric("accuracy")          # local module, offline
+    metric.compute(predictions=[...], references=[...])
+"""
+
+from __future__ import annotations
+
+import os
+
+from notrainer.errors import UsageError
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+#: metric name -> file in this folder holding its evaluate module
+LOCAL_METRICS: dict[str, str] = {}
+
+
+def load_metric(name: str, **kwargs):
+    """An `evaluate` metric: the local module if notrainer ships one, else from the hub."""
+    import evaluate
+
+    if name in LOCAL_METRICS:
+        return evaluate.load(os.path.join(_HERE, LOCAL_METRICS[name]), **kwargs)
+    try:
+        return evaluate.load(name, **kwargs)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"metric={name!r} could not be loaded ({first}); offline, use one of: "
+                         f"{', '.join(sorted(LOCAL_METRICS)) or 'none'}") from None
