@@ -158,6 +158,21 @@ class Task:
         returned by eval_step). Keys get the eval_ prefix."""
         return {}
 
+    # ------------------------------------------------------------------ prediction mode
+
+    def predict_step(self, model, batch) -> dict[str, torch.Tensor]:
+        """Per-example tensors for prediction mode (gathered like eval_step's). Default: the
+        eval_step outputs without the loss bookkeeping."""
+        out = self.eval_step(model, batch)
+        if out is None:
+            raise UsageError(f"task={self.name} has no prediction mode")
+        return {k: v for k, v in out.items() if k not in ("loss", "num_items")}
+
+    def format_predictions(self, outputs: dict[str, list], dataset) -> list[dict]:
+        """Turn gathered predict_step outputs into one JSON record per example of `dataset`
+        (the tokenized test split, in order): labels, tags, generated text, answers."""
+        raise UsageError(f"task={self.name} has no prediction mode")
+
 
 # ---------------------------------------------------------------------- helpers for tasks
 
