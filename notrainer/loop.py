@@ -403,6 +403,7 @@ class Loop:
 
     def write_results(self) -> None:
         if self.accelerator.is_main_process:
+            os.makedirs(self.output_dir, exist_ok=True)
             ckpt.write_json(os.path.join(self.output_dir, "all_results.json"), self.results)
 
 
