@@ -190,6 +190,8 @@ class Loop:
             self.load_checkpoint(self.resume_from_checkpoint)
         if self.report_to != "none":
             acc.init_trackers("notrainer", config=_scalars(self.config))
+        acc.print(f"training on {acc.num_processes} process(es) ({acc.distributed_type.value}): "
+                  f"{self.max_train_steps} optimizer steps of {self.gradient_accumulation_steps} micro-batch(es)")
 
         bar = tqdm(total=self.max_train_steps, initial=state.global_step, desc="train",
                    disable=not (self.progress and acc.is_local_main_process), dynamic_ncols=True)
@@ -310,23 +312,9 @@ class Loop:
         if self.eval_loader is None:
             return {}
         model.eval()
-        loss_sum, item_sum = 0.0, 0.0
-        outputs: dict[str, list] = defaultdict(list)
-        for batch in self.eval_loader:
-            # A task's eval_fn may return None to mean "loss only".
-            out = self.eval_fn(model, batch) if self.eval_fn else None
-            if out is None:
-                out = self._default_eval(model, batch)
-            # Sequences can have another length on each rank: pad before gathering. Gather per
-            # example (not a reduced scalar) so the duplicated tail of an uneven last batch is
-            # dropped by gather_for_metrics.
-            out = {k: acc.pad_across_processes(v, dim=1, pad_index=-100) if v.ndim > 1 else v for k, v in out.items()}
-            out = acc.gather_for_metrics(out)
-            if "loss" in out:
-                loss_sum += out.pop("loss").double().sum().item()
-                item_sum += out.pop("num_items").double().sum().item()
-            for k, v in out.items():
-                outputs[k].append(v.cpu().numpy())
+        outputs = self._gather_outputs(self.eval_loader, self._eval_step)
+        loss_sum = sum(x.astype("float64").sum() for x in outputs.pop("loss", []))
+        item_sum = sum(x.astype("float64").sum() for x in outputs.pop("num_items", []))
         metrics: dict[str, float] = {}
         if item_sum > 0:
             metrics["eval_loss"] = loss_sum / item_sum
@@ -341,6 +329,35 @@ class Loop:
         acc.print(f"step {self.state.global_step}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()
                                                                if isinstance(v, (int, float))))
         return metrics
+
+    @torch.no_grad()
+    def predict(self, loader: Iterable, predict_fn: Callable | None = None) -> dict[str, list]:
+        """Run `predict_fn(model, batch)` (default: eval_fn) over a loader not yet prepared;
+        returns its per-example outputs gathered from every rank, in dataset order, as lists
+        of per-batch numpy arrays (2-D ones padded with -100)."""
+        loader = self.accelerator.prepare(loader)
+        self.model.eval()
+        outputs = self._gather_outputs(loader, predict_fn or self._eval_step)
+        self.model.train()
+        return outputs
+
+    def _gather_outputs(self, loader: Iterable, step_fn: Callable) -> dict[str, list]:
+        acc = self.accelerator
+        outputs: dict[str, list] = defaultdict(list)
+        for batch in loader:
+            out = step_fn(self.model, batch)
+            # Sequences can have another length on each rank: pad before gathering. Gather per
+            # example (not a reduced scalar) so the duplicated tail of an uneven last batch is
+            # dropped by gather_for_metrics.
+            out = {k: acc.pad_across_processes(v, dim=1, pad_index=-100) if v.ndim > 1 else v for k, v in out.items()}
+            for k, v in acc.gather_for_metrics(out).items():
+                outputs[k].append(v.cpu().numpy())
+        return dict(outputs)
+
+    def _eval_step(self, model, batch) -> dict[str, torch.Tensor]:
+        # A task's eval_fn may return None to mean "loss only".
+        out = self.eval_fn(model, batch) if self.eval_fn else None
+        return out if out is not None else self._default_eval(model, batch)
 
     def _default_eval(self, model, batch) -> dict[str, torch.Tensor]:
         # Without a per-example eval_fn, spread the batch's loss over its examples so that the
