@@ -19,12 +19,17 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 #: metric name -> file in this folder holding its evaluate module
 LOCAL_METRICS: dict[str, str] = {}
+# classification and token classification (scikit-learn, scipy, seqeval)
+LOCAL_METRICS.update({n: f"{n}.py" for n in ("accuracy", "f1", "precision", "recall", "matthews_correlation", "pearsonr", "spearmanr", "seqeval")})
 
 
 def load_metric(name: str, **kwargs):
     """An `evaluate` metric: the local module if notrainer ships one, else from the hub."""
     import evaluate
 
+    # In memory: every rank computes on the gathered data, and evaluate's default on-disk cache
+    # file would be shared (and locked) by all ranks on one machine.
+    kwargs.setdefault("keep_in_memory", True)
     if name in LOCAL_METRICS:
         return evaluate.load(os.path.join(_HERE, LOCAL_METRICS[name]), **kwargs)
     try:
