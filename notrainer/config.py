@@ -54,6 +54,7 @@ class TrainConfig:
     do_train: bool = key(True, "train", "run")
     do_eval: bool = key(True, "evaluate on the validation set", "run")
     do_predict: bool = key(False, "write predictions for test_file", "run")
+    mode: Optional[str] = key(None, "shorthand: 'eval' (do_train=false) or 'predict' (only do_predict=true)", "run")
     seed: int = key(42, "seed for model init, data order, dropout", "run")
 
     # --- model and tokenizer
@@ -115,6 +116,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Cross-field checks that types alone cannot express. Raise UsageError."""
+        check(self.mode in (None, "train", "eval", "predict"), f"mode must be train, eval or predict, got {self.mode!r}")
+        if self.mode in ("eval", "predict"):
+            self.do_train, self.do_eval, self.do_predict = False, self.mode == "eval", self.mode == "predict"
         check(self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1")
         check(self.per_device_eval_batch_size >= 1, "per_device_eval_batch_size must be >= 1")
         check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")

@@ -107,6 +107,7 @@ class Loop:
         *,
         loss_fn: LossFn | None = None,
         eval_loader: Iterable | None = None,
+        predict_loader: Iterable | None = None,
         scheduler: Any = None,
         max_train_steps: int | None = None,
         num_train_epochs: float = 1.0,
@@ -160,6 +161,7 @@ class Loop:
         else:
             model, optimizer, train_loader = acc.prepare(model, optimizer, train_loader)
         self.model, self.optimizer, self.train_loader, self.eval_loader = model, optimizer, train_loader, eval_loader
+        self.predict_loader = predict_loader  # prepared when predict() runs
 
         # Optimizer steps per epoch count the last, shorter accumulation window too.
         try:
@@ -331,11 +333,11 @@ class Loop:
         return metrics
 
     @torch.no_grad()
-    def predict(self, loader: Iterable, predict_fn: Callable | None = None) -> dict[str, list]:
-        """Run `predict_fn(model, batch)` (default: eval_fn) over a loader not yet prepared;
-        returns its per-example outputs gathered from every rank, in dataset order, as lists
-        of per-batch numpy arrays (2-D ones padded with -100)."""
-        loader = self.accelerator.prepare(loader)
+    def predict(self, loader: Iterable | None = None, predict_fn: Callable | None = None) -> dict[str, list]:
+        """Run `predict_fn(model, batch)` (default: eval_fn) over a loader not yet prepared
+        (default: predict_loader); returns its per-example outputs gathered from every rank, in
+        dataset order, as lists of per-batch numpy arrays (2-D ones padded with -100)."""
+        loader = self.accelerator.prepare(loader if loader is not None else self.predict_loader)
         self.model.eval()
         outputs = self._gather_outputs(loader, predict_fn or self._eval_step)
         self.model.train()

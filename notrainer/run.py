@@ -91,6 +91,12 @@ def build(cfg, task_cls):
     if cfg.do_eval and "validation" in ds:
         eval_loader = DataLoader(ds["validation"], batch_size=cfg.per_device_eval_batch_size, collate_fn=collate,
                                  num_workers=cfg.dataloader_num_workers, pin_memory=pin)
+    predict_loader = None
+    if cfg.do_predict:
+        if "test" not in ds:
+            raise UsageError("do_predict=true needs test_file=... (the data to predict on)")
+        predict_loader = DataLoader(ds["test"], batch_size=cfg.per_device_eval_batch_size, collate_fn=collate,
+                                    num_workers=cfg.dataloader_num_workers, pin_memory=pin)
 
     if acc.is_main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -99,7 +105,7 @@ def build(cfg, task_cls):
     optimizer = build_optimizer(model, cfg, acc.device)
     loop = Loop(
         model, optimizer, train_loader if train_loader is not None else [],
-        loss_fn=task.loss, eval_loader=eval_loader, scheduler=scheduler_factory(cfg),
+        loss_fn=task.loss, eval_loader=eval_loader, predict_loader=predict_loader, scheduler=scheduler_factory(cfg),
         max_train_steps=cfg.max_train_steps, num_train_epochs=cfg.num_train_epochs,
         max_grad_norm=cfg.max_grad_norm, eval_steps=cfg.eval_steps, logging_steps=cfg.logging_steps,
         checkpointing_steps=cfg.checkpointing_steps, save_total_limit=cfg.save_total_limit,
@@ -116,11 +122,16 @@ def run(argv: list[str] | None = None) -> dict:
     cfg, task_cls = parse_args(argv)
     cfg.output_dir = cfg.resolved_output_dir()
     check_output_dir(cfg)
-    loop, _task = build(cfg, task_cls)
+    loop, task = build(cfg, task_cls)
     if cfg.do_train:
-        return loop.fit()
-    results = loop.evaluate() if cfg.do_eval else {}
-    loop.write_results()
+        results = loop.fit()
+    else:  # do_eval alone evaluates the given model
+        results = loop.evaluate() if cfg.do_eval else {}
+        loop.write_results()
+    if cfg.do_predict:
+        from .predict import write_predictions
+
+        write_predictions(loop, task)
     return results
 
 
