@@ -21,6 +21,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 LOCAL_METRICS: dict[str, str] = {}
 # classification and token classification (scikit-learn, scipy, seqeval)
 LOCAL_METRICS.update({n: f"{n}.py" for n in ("accuracy", "f1", "precision", "recall", "matthews_correlation", "pearsonr", "spearmanr", "seqeval")})
+# generation (rouge-score, sacrebleu) and extractive QA (official SQuAD normalisation)
+LOCAL_METRICS.update({n: f"{n}.py" for n in ("rouge", "sacrebleu", "chrf", "squad", "squad_v2")})
 
 
 def load_metric(name: str, **kwargs):
