@@ -6,6 +6,7 @@ a second run with the same files and settings skips tokenization.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable
 
@@ -27,10 +28,10 @@ def load_files(files: dict[str, str]):
     """Load {split: path} with the builder each extension needs (all splits must share it)."""
     import datasets
 
-    builders = {builder_for(p) for p in files.values()}
-    check(len(builders) == 1, "train_file, validation_file and test_file must have the same format "
-                              f"(got {', '.join(sorted(os.path.basename(p) for p in files.values()))})")
-    builder, kwargs = builders.pop()
+    builders = [builder_for(p) for p in files.values()]
+    check(all(b == builders[0] for b in builders), "train_file, validation_file and test_file must have the same "
+          f"format (got {', '.join(sorted(os.path.basename(p) for p in files.values()))})")
+    builder, kwargs = builders[0]
     for split, path in files.items():
         check(os.path.exists(path), f"{split} file {path}: no such file")
         check(os.path.isdir(path) or os.path.getsize(path) > 0, f"{split} file {path}: the file is empty")
@@ -66,6 +67,10 @@ def load_raw_datasets(cfg, builtin: Callable[[], "object"] | None = None, field:
 
     raw = datasets.DatasetDict(raw)
     if "train" in raw and "validation" not in raw and cfg.do_eval and cfg.validation_split_percentage > 0:
+        n = len(raw["train"])
+        check(n - math.ceil(n * cfg.validation_split_percentage / 100) >= 1,
+              f"the training data has {n} row(s): too few to hold out validation_split_percentage="
+              f"{cfg.validation_split_percentage}; give validation_file=... or validation_split_percentage=0")
         split = raw["train"].train_test_split(test_size=cfg.validation_split_percentage / 100, seed=cfg.seed)
         raw["train"], raw["validation"] = split["train"], split["test"]
     for name, ds in raw.items():
