@@ -1,28 +1,34 @@
-"""Checkpoints, resume and the final export.
+"""Checkpoints, exact resume, retention, the best model and the final export.
 
 Layout under output_dir:
 
-    checkpoints/step_<N>/       accelerate save_state (model, optimizer, scheduler, scaler,
-                                RNG of every rank, sampler) + loop_state.json + COMPLETE
+    checkpoints/step_<N>/       accelerate save_state (model.safetensors, optimizer, scheduler,
+                                scaler, RNG of every rank) + loop_state.json (the loop's
+                                counters) + config.yaml (the resolved run config) + COMPLETE
+                                (written last: the list of files and their sizes)
     checkpoints/.tmp-step_<N>/  a checkpoint being written; never resumed
     config.json, model.safetensors, tokenizer files   the final model (from_pretrained)
     all_results.json
 
 A checkpoint is written into a temporary folder and renamed to step_<N> only after every rank
 has finished and the COMPLETE mark is in it, so a crash mid-save leaves the previous
-checkpoints as they were.
+checkpoints as they were. On resume the COMPLETE list is checked against the files (and the
+small files are parsed): a damaged newest checkpoint is reported in one line and the previous
+one is used. Retention (`save_total_limit`) keeps the newest N and always the best one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
+from . import lora
 from .errors import UsageError
 
 if TYPE_CHECKING:
@@ -30,7 +36,9 @@ if TYPE_CHECKING:
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "loop_state.json"
+CONFIG_FILE = "config.yaml"
 COMPLETE_MARK = "COMPLETE"
+MODEL_FILE = "model.safetensors"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -38,12 +46,17 @@ _STEP_RE = re.compile(r"^step_(\d+)$")
 class LoopState:
     """The loop's own counters, saved beside accelerate's state."""
 
-    global_step: int = 0  # optimizer steps taken
+    global_step: int = 0  # optimizer steps taken (skipped non-finite steps included)
     epoch: int = 0  # epochs completed
     step_in_epoch: int = 0  # micro-batches consumed in the current epoch
     tokens_seen: int = 0
     train_loss_sum: float = 0.0  # sum of logged per-step train losses (for the run's mean)
     last_eval_step: int = -1
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm
+    nonfinite_in_a_row: int = 0
+    best_metric: float | None = None  # best value of metric_for_best_model so far
+    best_step: int = -1  # the step it was measured at; its checkpoint is never deleted
+    evals_without_improvement: int = 0  # for early_stopping_patience
 
 
 def write_json(path: str, data: dict) -> None:
@@ -64,6 +77,11 @@ def is_complete(path: str) -> bool:
     return os.path.isfile(os.path.join(path, COMPLETE_MARK)) and os.path.isfile(os.path.join(path, STATE_FILE))
 
 
+def step_of(path: str) -> int:
+    m = _STEP_RE.match(os.path.basename(os.path.normpath(path)))
+    return int(m.group(1)) if m else -1
+
+
 def list_checkpoints(output_dir: str) -> list[str]:
     """Complete checkpoints, oldest first (by step number, not by name or mtime)."""
     root = checkpoint_root(output_dir)
@@ -78,67 +96,338 @@ def list_checkpoints(output_dir: str) -> list[str]:
     return [p for _, p in sorted(found)]
 
 
+# ---------------------------------------------------------------------- saving
+
+
 def save(loop: "Loop") -> str:
-    acc = loop.accelerator
-    step = loop.state.global_step
+    """Write a checkpoint of the current step, atomically; every rank must call it.
+
+    Saving the same state twice (a step checkpoint and the epoch-end one, or a preemption
+    right after a scheduled save) writes it once."""
+    acc, state = loop.accelerator, loop.state
+    step = state.global_step
     root = checkpoint_root(loop.output_dir)
     final = os.path.join(root, f"step_{step}")
+    snapshot = dataclasses.asdict(state)
+    if getattr(loop, "_last_saved_state", None) == snapshot and is_complete(final):
+        return final
     tmp = os.path.join(root, f".tmp-step_{step}")
     if acc.is_main_process:
         os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that was interrupted
+        for name in os.listdir(root):  # leftovers of saves that were interrupted
+            if name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     acc.wait_for_everyone()
     acc.save_state(tmp)
     acc.wait_for_everyone()  # every rank has written its part
     if acc.is_main_process:
-        write_json(os.path.join(tmp, STATE_FILE), dataclasses.asdict(loop.state))
-        with open(os.path.join(tmp, COMPLETE_MARK), "w") as f:
-            f.write(f"step {step}\n")
-        if os.path.exists(final):  # same step saved twice (e.g. steps and epoch coincide)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _apply_retention(loop)
+        write_json(os.path.join(tmp, STATE_FILE), snapshot)
+        _write_config(os.path.join(tmp, CONFIG_FILE), loop.config)
+        # The COMPLETE mark comes last and lists every file with its size: resume checks it.
+        write_json(os.path.join(tmp, COMPLETE_MARK), {"step": step, "files": _file_sizes(tmp)})
+        if os.path.exists(final):  # same step saved again with a newer state (epoch end)
+            old = os.path.join(root, f".old-step_{step}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+        _apply_retention(loop, step)
     acc.wait_for_everyone()
+    loop._last_saved_state = snapshot
     acc.print(f"checkpoint saved: {final}")
     return final
 
 
-def _apply_retention(loop: "Loop") -> None:
+def _write_config(path: str, config: dict) -> None:
+    import yaml
+
+    with open(path, "w") as f:
+        yaml.safe_dump(config or {}, f, sort_keys=False)
+
+
+def _file_sizes(folder: str) -> dict[str, int]:
+    sizes = {}
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            sizes[os.path.relpath(full, folder)] = os.path.getsize(full)
+    return sizes
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _delete_checkpoint(path: str) -> None:
+    # Drop the mark first: a deletion cut short leaves a folder that is never resumed.
+    try:
+        os.remove(os.path.join(path, COMPLETE_MARK))
+    except FileNotFoundError:
+        pass
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def best_checkpoint(loop: "Loop") -> str | None:
+    if loop.state.best_step < 0:
+        return None
+    path = os.path.join(checkpoint_root(loop.output_dir), f"step_{loop.state.best_step}")
+    return path if is_complete(path) else None
+
+
+def _apply_retention(loop: "Loop", step: int) -> None:
+    complete = list_checkpoints(loop.output_dir)
+    # Checkpoints past this step belong to a timeline that was abandoned by resuming from an
+    # older checkpoint: left in place, resume_from_checkpoint=auto would pick them up.
+    for path in complete:
+        if step_of(path) > step:
+            print(f"removing {path}: newer than this run's step {step} (left by the run resumed before it)")
+            _delete_checkpoint(path)
     limit = loop.save_total_limit
     if not limit:
         return
-    complete = list_checkpoints(loop.output_dir)
+    complete = [p for p in complete if step_of(p) <= step]
+    best = best_checkpoint(loop)
     for path in complete[:-limit]:
-        shutil.rmtree(path, ignore_errors=True)
+        if best is None or os.path.abspath(path) != os.path.abspath(best):
+            _delete_checkpoint(path)
 
 
-def resolve(output_dir: str, path_or_auto: str) -> str | None:
-    """The checkpoint folder to resume from: the newest complete one for 'auto' (None when
-    there is none), else the given folder, which must be a complete checkpoint."""
+# ---------------------------------------------------------------------- checking and resolving
+
+
+def verify(path: str) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed, or None when it looks whole: every file
+    the COMPLETE mark lists is there with its size, and the small files parse."""
+    if not is_complete(path):
+        return f"no {COMPLETE_MARK} mark"
+    try:
+        with open(os.path.join(path, COMPLETE_MARK)) as f:
+            manifest = json.load(f)
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{COMPLETE_MARK} mark is unreadable"
+    for rel, size in files.items():
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            return f"{rel} is missing"
+        if os.path.getsize(full) != size:
+            return f"{rel} has {os.path.getsize(full)} bytes, {size} were written"
+    try:
+        with open(os.path.join(path, STATE_FILE)) as f:
+            json.load(f)
+        if os.path.isfile(os.path.join(path, MODEL_FILE)):
+            _safetensors_shapes(os.path.join(path, MODEL_FILE))
+        from accelerate.utils import load as torch_load_weights_only  # weights_only=True
+
+        for name in files:
+            if name.startswith("random_states_"):
+                torch_load_weights_only(os.path.join(path, name))
+    except Exception as e:  # noqa: BLE001 - any failure to parse means damaged
+        return f"cannot be read ({_first_line(e)})"
+    return None
+
+
+def resolve(output_dir: str, path_or_auto: str, report: Callable[[str], None] | None = None) -> str | None:
+    """The checkpoint folder to resume from.
+
+    'auto': the newest complete checkpoint in output_dir that passes `verify` (each damaged one
+    is reported and skipped); None when there is none at all. A path: that folder, which must
+    be a whole checkpoint."""
     if path_or_auto == "auto":
         found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        problems = []
+        for path in reversed(found):
+            reason = verify(path)
+            if reason is None:
+                return path
+            problems.append(f"{os.path.basename(path)} ({reason})")
+            if report:
+                report(f"checkpoint {path} is damaged: {reason}; falling back to the previous one")
+        if problems:
+            raise UsageError(f"resume_from_checkpoint=auto: no loadable checkpoint in {checkpoint_root(output_dir)}: "
+                             f"{'; '.join(problems)}; overwrite_output_dir=true starts over")
+        return None
     path = path_or_auto
     if not os.path.isdir(path):
         raise UsageError(f"resume_from_checkpoint={path}: no such folder")
     if not is_complete(path):
         raise UsageError(f"resume_from_checkpoint={path}: not a complete notrainer checkpoint "
                          f"(no {COMPLETE_MARK} mark); pick a checkpoints/step_<N> folder")
+    reason = verify(path)
+    if reason is not None:
+        raise UsageError(f"resume_from_checkpoint={path}: the checkpoint is damaged ({reason}); pick an older one")
     return path
 
 
+def check_task(path: str, task: str) -> None:
+    """A checkpoint of another task cannot be continued by this one."""
+    try:
+        import yaml
+
+        with open(os.path.join(path, CONFIG_FILE)) as f:
+            saved = yaml.safe_load(f) or {}
+    except OSError:
+        return  # written by the Loop API without a config: nothing to compare
+    other = saved.get("task")
+    if other is not None and other != task:
+        raise UsageError(f"resume_from_checkpoint: {path} is a checkpoint of task={other}, not task={task}; "
+                         "resume with the same task or use another output_dir")
+
+
+def check_model(path: str, model) -> None:
+    """The checkpoint's weights must fit the model: same parameter names and shapes."""
+    file = os.path.join(path, MODEL_FILE)
+    if not os.path.isfile(file):
+        return  # FSDP / DeepSpeed layouts: accelerate checks them while loading
+    saved = _safetensors_shapes(file)
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for name, shape in saved.items():
+        if name not in own:
+            raise UsageError(f"resume_from_checkpoint: {path} holds another model (it has {name}, this model "
+                             "does not); resume with the same model settings or use another output_dir")
+        if own[name] != shape:
+            raise UsageError(f"resume_from_checkpoint: {path} holds another model shape ({name}: checkpoint "
+                             f"{list(shape)}, this model {list(own[name])}); resume with the same model settings "
+                             "or use another output_dir")
+
+
+def _safetensors_shapes(file: str) -> dict[str, tuple]:
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------- resuming
+
+
 def load(loop: "Loop", path_or_auto: str) -> None:
+    """Restore everything a checkpoint holds. With 'auto', a checkpoint that fails to load
+    (all ranks agree on that) is reported in one line and the previous one is tried."""
+    import torch
+
     acc = loop.accelerator
-    path = resolve(loop.output_dir, path_or_auto)
+    path = resolve(loop.output_dir, path_or_auto, report=acc.print)
     if path is None:
         acc.print(f"resume_from_checkpoint=auto: no checkpoint in {checkpoint_root(loop.output_dir)}, starting fresh")
         return
-    acc.load_state(path)
+    candidates = [path]
+    if path_or_auto == "auto":
+        candidates += [p for p in reversed(list_checkpoints(loop.output_dir)) if step_of(p) < step_of(path)]
+    model = acc.unwrap_model(loop.model)
+    for i, path in enumerate(candidates):
+        check_model(path, model)
+        if (loop.config or {}).get("task"):
+            check_task(path, loop.config["task"])
+        error = None
+        try:
+            acc.load_state(path)
+        except Exception as e:  # noqa: BLE001 - reported, then the previous checkpoint is tried
+            error = _first_line(e)
+        failed = torch.tensor(float(error is not None), device=acc.device)
+        if acc.num_processes > 1:
+            failed = acc.reduce(failed, reduction="sum")
+        if failed.item() == 0:
+            break
+        if path_or_auto != "auto" or i == len(candidates) - 1:
+            raise UsageError(f"resume_from_checkpoint: {path} could not be loaded ({error or 'on another rank'})")
+        acc.print(f"checkpoint {path} could not be loaded ({error or 'on another rank'}); "
+                  f"falling back to {candidates[i + 1]}")
     with open(os.path.join(path, STATE_FILE)) as f:
         saved = json.load(f)
     known = {f.name for f in dataclasses.fields(LoopState)}
-    loop.state = LoopState(**{k: v for k, v in saved.items() if k in known})
+    for k, v in saved.items():  # in place: fit() holds a reference to loop.state
+        if k in known:
+            setattr(loop.state, k, v)
+    loop._last_saved_state = dataclasses.asdict(loop.state)
     acc.print(f"resumed from {path} (step {loop.state.global_step}, epoch {loop.state.epoch})")
+
+
+def seed_loader(loader, seed: int | None, epoch: int) -> None:
+    """Give a DataLoader its own generator for the worker seed it draws when an iterator starts.
+
+    Without one, torch draws that seed from the global RNG, the stream dropout uses. A resumed
+    run starts one iterator more than the uninterrupted run (the skip_first_batches one), after
+    the checkpoint, so it would see other dropout masks. Seeded by (seed, epoch), the worker
+    seeds are also the same whether or not the epoch was resumed."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    base = getattr(loader, "base_dataloader", loader)
+    if not isinstance(base, DataLoader):
+        return
+    if base.generator is None:
+        base.generator = torch.Generator()
+    base.generator.manual_seed((seed or 0) * 1_000_003 + epoch)
+
+
+# ---------------------------------------------------------------------- the best model
+
+
+def resolve_metric(name: str | None, greater_is_better: bool | None) -> tuple[str | None, bool]:
+    """'loss' -> 'eval_loss'; greater_is_better defaults to False for losses, True otherwise."""
+    if not name:
+        return None, bool(greater_is_better)
+    if not name.startswith("eval_"):
+        name = f"eval_{name}"
+    if greater_is_better is None:
+        greater_is_better = not name.endswith("loss")
+    return name, greater_is_better
+
+
+def update_best(loop: "Loop", metrics: dict) -> bool:
+    """Record an evaluation of metric_for_best_model; True when it is the best so far."""
+    name, state = loop.metric_for_best_model, loop.state
+    if name not in metrics:
+        known = ", ".join(k for k, v in metrics.items() if isinstance(v, (int, float))) or "none"
+        raise UsageError(f"metric_for_best_model={name}: the evaluation has no such metric (it has: {known})")
+    value = float(metrics[name])
+    best = state.best_metric
+    margin = loop.early_stopping_threshold or 0.0
+    if math.isnan(value):
+        improved = False
+    elif best is None:
+        improved = True
+    elif loop.greater_is_better:
+        improved = value > best + margin
+    else:
+        improved = value < best - margin
+    if improved:
+        state.best_metric, state.best_step, state.evals_without_improvement = value, state.global_step, 0
+    else:
+        state.evals_without_improvement += 1
+    return improved
+
+
+def restore_best(loop: "Loop") -> bool:
+    """Load the best checkpoint's state for the export; False when the current weights are
+    the best (or no best checkpoint exists)."""
+    state = loop.state
+    if state.best_step < 0 or state.best_step == state.global_step:
+        return False
+    path = best_checkpoint(loop)
+    if path is None:
+        loop.accelerator.print(f"load_best_model_at_end: no checkpoint of step {state.best_step}; exporting the last weights")
+        return False
+    loop.accelerator.print(f"load_best_model_at_end: loading {path} ({loop.metric_for_best_model}={state.best_metric:.6g})")
+    loop.accelerator.load_state(path)
+    return True
 
 
 def export_model(loop: "Loop") -> None:
@@ -156,7 +445,10 @@ def export_model(loop: "Loop") -> None:
         tmp = os.path.join(loop.output_dir, ".tmp-export")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        if hasattr(model, "save_pretrained"):
+        if lora.is_peft_model(model):  # adapter folder (+ merged/ with lora.merge=true)
+            lora.export(model, state_dict, tmp, merge=bool(loop.config.get("lora", {}).get("merge")),
+                        tokenizer=loop.tokenizer, final_dir=loop.output_dir)
+        elif hasattr(model, "save_pretrained"):
             model.save_pretrained(tmp, state_dict=state_dict)
         else:
             from safetensors.torch import save_model

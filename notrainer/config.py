@@ -99,12 +99,21 @@ class TrainConfig:
     gradient_checkpointing: bool = key(False, "recompute activations in backward to save memory", "speed")
     torch_compile: bool = key(False, "compile the model with torch.compile", "speed")
     torch_compile_mode: Optional[str] = key(None, "torch.compile mode (default, reduce-overhead, max-autotune)", "speed")
+    peak_tflops: Optional[float] = key(None, "the accelerator's peak TFLOP/s for the logged MFU (default: from a table of "
+                                             "common GPUs by name, bf16 dense; see docs/performance.md)", "speed")
 
     # --- evaluation, checkpoints, logging
     eval_steps: Optional[int] = key(None, "evaluate every N optimizer steps (default: once per epoch)", "loop")
     checkpointing_steps: Optional[str] = key(None, "checkpoint every N optimizer steps, or 'epoch'", "loop")
     resume_from_checkpoint: Optional[str] = key(None, "'auto' (newest complete checkpoint in output_dir) or a checkpoint folder", "loop")
-    save_total_limit: Optional[int] = key(None, "keep only the newest N checkpoints", "loop")
+    save_total_limit: Optional[int] = key(None, "keep only the newest N checkpoints (and always the best one)", "loop")
+    checkpointing_minutes: Optional[float] = key(None, "also checkpoint when this many minutes passed since the last checkpoint", "loop")
+    metric_for_best_model: Optional[str] = key(None, "eval metric that picks the best checkpoint, e.g. eval_loss or eval_accuracy", "loop")
+    greater_is_better: Optional[bool] = key(None, "whether a higher metric_for_best_model is better (default: false for losses, else true)", "loop")
+    load_best_model_at_end: bool = key(False, "export the best checkpoint's weights as the final model (metric default: eval_loss)", "loop")
+    early_stopping_patience: Optional[int] = key(None, "stop after this many evaluations without improving metric_for_best_model", "loop")
+    early_stopping_threshold: float = key(0.0, "how much metric_for_best_model must improve to count as better", "loop")
+    max_nonfinite_steps: int = key(10, "skip optimizer steps with a NaN/inf loss or gradient norm; stop after this many in a row (0: no check)", "loop")
     logging_steps: int = key(10, "log train loss, lr, grad norm, tokens/s every N optimizer steps", "loop")
     report_to: str = key("tensorboard", "tensorboard, wandb, all or none", "loop")
 
@@ -129,8 +138,17 @@ class TrainConfig:
         check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1)")
         check(self.num_warmup_steps >= 0, "num_warmup_steps must be >= 0")
         check(self.logging_steps >= 1, "logging_steps must be >= 1")
+        check(self.peak_tflops is None or self.peak_tflops > 0, f"peak_tflops must be > 0, got {self.peak_tflops}")
         check(self.eval_steps is None or self.eval_steps >= 1, "eval_steps must be >= 1")
         check(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit must be >= 1")
+        check(self.checkpointing_minutes is None or self.checkpointing_minutes > 0, "checkpointing_minutes must be > 0")
+        check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+              "early_stopping_patience must be >= 1")
+        check(self.early_stopping_threshold >= 0, "early_stopping_threshold must be >= 0")
+        check(self.max_nonfinite_steps >= 0, "max_nonfinite_steps must be >= 0 (0 turns the check off)")
+        if self.metric_for_best_model or self.load_best_model_at_end or self.early_stopping_patience:
+            check(self.do_eval, "metric_for_best_model, load_best_model_at_end and early_stopping_patience need "
+                                "evaluation: set do_eval=true")
         check(0 <= self.validation_split_percentage < 100, "validation_split_percentage must be in [0, 100)")
         check(self.mixed_precision in ("no", "fp16", "bf16"),
               f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")

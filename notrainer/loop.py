@@ -38,6 +38,9 @@ from accelerate.utils import (
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import throughput
+from . import guards, preemption
+from .errors import UsageError
 
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
@@ -89,7 +92,10 @@ def make_accelerator(
             num_steps=gradient_accumulation_steps, sync_with_dataloader=False, adjust_scheduler=False
         ),
         # Same permutation on every rank and every resume: the sampler is seeded by (seed, epoch).
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
+        # non_blocking: batches (pinned by the CLI's DataLoader on CUDA) are copied to the GPU
+        # without making the host wait for the queued work, so the GPU never idles between steps.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed,
+                                                  non_blocking=torch.cuda.is_available()),
         # The scheduler steps once per optimizer step, whatever the number of processes.
         step_scheduler_with_optimizer=False,
         log_with=log_with,
@@ -118,6 +124,13 @@ class Loop:
         checkpointing_steps: int | str | None = None,
         save_total_limit: int | None = None,
         resume_from_checkpoint: str | None = None,
+        checkpointing_minutes: float | None = None,
+        metric_for_best_model: str | None = None,
+        greater_is_better: bool | None = None,
+        load_best_model_at_end: bool = False,
+        early_stopping_patience: int | None = None,
+        early_stopping_threshold: float = 0.0,
+        max_nonfinite_steps: int = 10,
         output_dir: str = "runs/loop",
         mixed_precision: str = "no",
         report_to: str = "none",
@@ -131,6 +144,7 @@ class Loop:
         accelerator: Accelerator | None = None,
         export: bool = True,
         progress: bool = True,
+        peak_tflops: float | None = None,
     ):
         self.output_dir = output_dir
         self.accelerator = accelerator or make_accelerator(
@@ -152,8 +166,26 @@ class Loop:
         self.checkpointing_steps = checkpointing_steps
         self.save_total_limit = save_total_limit
         self.resume_from_checkpoint = resume_from_checkpoint
+        self.checkpointing_minutes = checkpointing_minutes
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.seed = seed
+        # The best model: tracked when a metric is named (load_best and early stopping default
+        # to eval_loss, as in TrainingArguments).
+        if (load_best_model_at_end or early_stopping_patience) and not metric_for_best_model:
+            metric_for_best_model = "eval_loss"
+        self.metric_for_best_model, self.greater_is_better = ckpt.resolve_metric(metric_for_best_model, greater_is_better)
+        self.load_best_model_at_end = load_best_model_at_end
+        self.early_stopping_patience = early_stopping_patience
+        self.early_stopping_threshold = early_stopping_threshold
+        if self.metric_for_best_model and eval_loader is None:
+            raise UsageError(f"metric_for_best_model={self.metric_for_best_model} (or load_best_model_at_end / "
+                             "early_stopping_patience) needs evaluation data: do_eval=true and a validation set")
         self.export_model = export
         self.progress = progress
+
+        # FLOPs per token are counted on the unwrapped model, before FSDP/DeepSpeed shard it.
+        self.meter = throughput.Meter(model, peak_tflops, acc.device)
+        self._log_seq_len = 0
 
         # prepare: wrap for DDP/FSDP/DeepSpeed, move to device, shard the dataloaders.
         if eval_loader is not None:
@@ -162,6 +194,8 @@ class Loop:
             model, optimizer, train_loader = acc.prepare(model, optimizer, train_loader)
         self.model, self.optimizer, self.train_loader, self.eval_loader = model, optimizer, train_loader, eval_loader
         self.predict_loader = predict_loader  # prepared when predict() runs
+        if eval_loader is not None:  # evaluating must not move the RNG that training draws from
+            ckpt.seed_loader(eval_loader, seed, 0)
 
         # Optimizer steps per epoch count the last, shorter accumulation window too.
         try:
@@ -183,6 +217,12 @@ class Loop:
         # Counters: everything needed to continue exactly where a checkpoint left off.
         self.state = ckpt.LoopState()
         self.results: dict[str, float] = {}
+        # Why training stops before max_train_steps ("preempted", "early stopping"), and the
+        # step-boundary requests that lead to a checkpoint.
+        self._stop: str | None = None
+        self._signals: preemption.StopSignal | None = None
+        self._last_checkpoint_time = time.monotonic()
+        self._timed_checkpoint_due = self._best_needs_checkpoint = False
 
     # ------------------------------------------------------------------ the loop
 
@@ -200,12 +240,18 @@ class Loop:
         self.model.train()
         start, start_step, start_tokens = time.perf_counter(), state.global_step, state.tokens_seen
         self._log_reset()
+        # SIGTERM, SIGINT and SIGUSR1 only raise a flag: the loop checkpoints at the next step
+        # boundary and exits with preemption.EXIT_PREEMPTED (see docs/checkpointing.md).
+        self._signals = preemption.StopSignal().install()
+        self._last_checkpoint_time = time.monotonic()
 
-        while state.global_step < self.max_train_steps:
+        while state.global_step < self.max_train_steps and not self._stop:
             # The sampler is seeded by (seed, epoch); on resume, skip the batches this epoch
-            # already consumed (without drawing from any RNG) and continue from there.
+            # already consumed (without drawing from any RNG) and continue from there. The
+            # loader's worker seed comes from its own generator, not from dropout's RNG.
             if hasattr(self.train_loader, "set_epoch"):
                 self.train_loader.set_epoch(state.epoch)
+            ckpt.seed_loader(self.train_loader, self.seed, state.epoch)
             loader = self.train_loader
             if state.step_in_epoch:
                 loader = acc.skip_first_batches(self.train_loader, state.step_in_epoch)
@@ -224,34 +270,56 @@ class Loop:
                     bar.set_postfix(self._log_flush(), refresh=False)
                 if self.eval_steps and state.global_step % self.eval_steps == 0:
                     self.evaluate()
-                if self.checkpointing_steps not in (None, "epoch") and state.global_step % int(self.checkpointing_steps) == 0:
+                if self._checkpoint_due():
                     self.save_checkpoint()
+                if self._stop:
+                    break
             else:
                 break  # max_train_steps reached inside the epoch
+            if self._stop:
+                break
 
             # The epoch is over.
             state.epoch += 1
             state.step_in_epoch = 0
             if self.eval_loader is not None and not self.eval_steps:
                 self.evaluate()
-            if self.checkpointing_steps == "epoch":
+            if self.checkpointing_steps == "epoch" or self._best_needs_checkpoint:
                 self.save_checkpoint()
 
+        if self._stop == "preempted":
+            # Checkpoint (a no-op when this step was just saved) and exit for a requeue.
+            path = self.save_checkpoint()
+            bar.close()
+            acc.end_training()
+            self._signals.restore()
+            raise preemption.Preempted(f"stopped by {self._signals.received} at step {state.global_step}; "
+                                       f"checkpoint {path}; resume_from_checkpoint=auto continues")
+        self._signals.restore()
         if self._log_steps:
             bar.set_postfix(self._log_flush(), refresh=False)
         bar.close()
 
         runtime = time.perf_counter() - start
         self.results.update(
-            train_loss=state.train_loss_sum / max(state.global_step, 1),
+            train_loss=state.train_loss_sum / max(state.global_step - state.skipped_steps, 1),
             train_runtime=round(runtime, 3),
             train_steps_per_second=round((state.global_step - start_step) / max(runtime, 1e-9), 3),
             train_tokens_per_second=round((state.tokens_seen - start_tokens) / max(runtime, 1e-9), 1),
             global_step=state.global_step,
             epoch=round(self._epoch_float(), 4),
         )
+        # train_samples_per_second, train_mfu (when the peak is known), train_peak_memory_gib (CUDA)
+        self.results.update(self.meter.summary(runtime, self.results["train_tokens_per_second"], acc.num_processes))
         # Evaluate the final weights unless that exact step was just evaluated.
         if self.eval_loader is not None and state.last_eval_step != state.global_step:
+            self.evaluate()
+        if self.metric_for_best_model:
+            self.results.update(best_metric=state.best_metric, best_step=state.best_step)
+            if self._stop:
+                self.results["stopped_early_at_step"] = state.global_step
+        # The exported model is the best one; its metrics are the ones reported.
+        if self.load_best_model_at_end and ckpt.restore_best(self):
             self.evaluate()
         if self.export_model:
             self.export()
@@ -269,7 +337,7 @@ class Loop:
         factor num_processes.
         """
         acc, model = self.accelerator, self.model
-        counts = torch.stack([torch.as_tensor(self.num_items_fn(b), device=acc.device, dtype=torch.float32) for b in window])
+        counts = torch.stack([_on_device(self.num_items_fn(b), acc.device, torch.float32) for b in window])
         window_items = acc.reduce(counts.sum(), reduction="sum").clamp(min=1.0)
         # accelerator.backward divides by gradient_accumulation_steps (DeepSpeed does it
         # inside its engine unless told not to); our weights already do the averaging.
@@ -288,18 +356,31 @@ class Loop:
                 weighted = loss * (counts[i] * acc.num_processes / window_items)
                 acc.backward(weighted * undo_ga, **backward_kwargs)
             step_loss += weighted.detach()
-            self._log_tokens += torch.as_tensor(self.num_tokens_fn(batch), device=acc.device, dtype=torch.float64)
+            self._log_tokens += _on_device(self.num_tokens_fn(batch), acc.device, torch.float64)
+            rows, self._log_seq_len = throughput.batch_shape(batch)  # shapes only: no device sync
+            self._log_samples += rows
             del loss, weighted  # keep nothing of this micro-batch alive into the next one
 
         grad_norm = None
         if self.max_grad_norm and self.max_grad_norm > 0:
             grad_norm = acc.clip_grad_norm_(model.parameters(), self.max_grad_norm)
+        # Decisions all ranks take together (one small all-reduce): a non-finite loss or
+        # gradient norm skips this optimizer step; a stop signal or a due timed checkpoint is
+        # acted on at this step's boundary.
+        flags = guards.step_flags(self, step_loss, grad_norm)
+        self._timed_checkpoint_due = flags.checkpoint_due
+        if flags.stop_signal:
+            self._stop = "preempted"
+        if flags.nonfinite and guards.skip_nonfinite_step(self):
+            return
+        self.state.nonfinite_in_a_row = 0 if not flags.nonfinite else self.state.nonfinite_in_a_row
         self.optimizer.step()
         if self.scheduler is not None and not acc.optimizer_step_was_skipped:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-        # Accumulate on device; the host only syncs when logging.
+        # Accumulate on device; the host only syncs when logging (and for the flags above,
+        # unless max_nonfinite_steps=0 on one process).
         self._log_loss += step_loss
         if grad_norm is not None:
             self._log_grad_norm += torch.as_tensor(grad_norm, device=acc.device, dtype=torch.float32)
@@ -326,6 +407,8 @@ class Loop:
         model.train()
         self.state.last_eval_step = self.state.global_step
         self.results.update(metrics)
+        if self.metric_for_best_model:
+            self._track_best(metrics)
         if self.report_to != "none":
             acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=self.state.global_step)
         acc.print(f"step {self.state.global_step}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()
@@ -376,6 +459,7 @@ class Loop:
         self._log_loss = torch.zeros((), device=dev)
         self._log_grad_norm = torch.zeros((), device=dev)
         self._log_tokens = torch.zeros((), device=dev, dtype=torch.float64)
+        self._log_samples = 0
         self._log_steps = 0
         self._log_time = time.perf_counter()
 
@@ -385,8 +469,11 @@ class Loop:
         steps = max(self._log_steps, 1)
         # Each rank's step loss is its share of the window's loss; the mean over ranks is the
         # loss of the whole window (all micro-batches, all ranks).
-        loss = acc.reduce(self._log_loss, reduction="mean").item() / steps
-        tokens = acc.reduce(self._log_tokens, reduction="sum").item()
+        # One all-reduce and one host sync for everything: the loss sum over ranks / ranks is the mean.
+        sums = torch.stack([self._log_loss.double(), self._log_grad_norm.double(), self._log_tokens.double(),
+                            torch.full((), float(self._log_samples), device=acc.device, dtype=torch.float64)])
+        loss_sum, grad_norm_sum, tokens, samples = acc.reduce(sums, reduction="sum").tolist()
+        loss = loss_sum / acc.num_processes / steps
         elapsed = max(time.perf_counter() - self._log_time, 1e-9)
         state.tokens_seen += int(tokens)
         state.train_loss_sum += loss * self._log_steps
@@ -397,12 +484,19 @@ class Loop:
             "tokens_per_second": tokens / elapsed,
             "epoch": self._epoch_float(),
         }
+        # samples_per_second, mfu (when the GPU's peak is known), peak_memory_gib (CUDA)
+        logs.update(self.meter.report(tokens, samples, elapsed, self._log_seq_len, acc.num_processes))
         if self.max_grad_norm:
-            logs["grad_norm"] = self._log_grad_norm.item() / steps
+            logs["grad_norm"] = grad_norm_sum / acc.num_processes / steps
         if self.report_to != "none":
             acc.log(logs, step=state.global_step)
         self._log_reset()
-        return {"loss": f"{loss:.4f}", "tok/s": f"{tokens / elapsed:,.0f}"}
+        postfix = {"loss": f"{loss:.4f}", "tok/s": f"{tokens / elapsed:,.0f}"}
+        if "mfu" in logs:
+            postfix["mfu"] = f"{logs['mfu']:.1%}"
+        if "peak_memory_gib" in logs:
+            postfix["mem"] = f"{logs['peak_memory_gib']:.1f}G"
+        return postfix
 
     def _epoch_float(self) -> float:
         batches = len(self.train_loader) if self.steps_per_epoch else 0
@@ -411,7 +505,30 @@ class Loop:
     # ------------------------------------------------------------------ checkpoints and export
 
     def save_checkpoint(self) -> str:
+        # The pending logging window goes into the counters first, so that the checkpoint's
+        # tokens_seen and train_loss_sum are exact and a resumed run reports the same results.
+        if self._log_steps:
+            self._log_flush()
+        self._last_checkpoint_time = time.monotonic()
+        self._timed_checkpoint_due = self._best_needs_checkpoint = False
         return ckpt.save(self)
+
+    def _checkpoint_due(self) -> bool:
+        every = self.checkpointing_steps
+        on_schedule = every not in (None, "epoch") and self.state.global_step % int(every) == 0
+        return on_schedule or self._timed_checkpoint_due or self._best_needs_checkpoint
+
+    def _track_best(self, metrics: dict) -> None:
+        improved = ckpt.update_best(self, metrics)
+        # A new best is checkpointed at once (when checkpoints are on at all), so retention can
+        # keep it and load_best_model_at_end can export it.
+        checkpoints_on = self.checkpointing_steps or self.checkpointing_minutes or self.load_best_model_at_end
+        self._best_needs_checkpoint = bool(improved and checkpoints_on)
+        patience = self.early_stopping_patience
+        if patience and self.state.evals_without_improvement >= patience:
+            self._stop = self._stop or "early stopping"
+            self.accelerator.print(f"early stopping: {self.metric_for_best_model} did not improve in {patience} "
+                                   f"evaluations (best {self.state.best_metric:.6g} at step {self.state.best_step})")
 
     def load_checkpoint(self, path_or_auto: str) -> None:
         ckpt.load(self, path_or_auto)
@@ -427,6 +544,14 @@ class Loop:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _on_device(x, device, dtype) -> torch.Tensor:
+    """A count as a device scalar. A Python number is filled in on the device: torch.as_tensor
+    would copy it from the host, which on CUDA waits for all queued work (a sync per step)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=dtype)
+    return torch.full((), x, device=device, dtype=dtype)
 
 
 def _take(iterator, n: int) -> list:

@@ -18,12 +18,23 @@ EXIT_USAGE = 2
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .guards import EXIT_DIVERGED, TrainingDiverged
+    from .preemption import EXIT_PREEMPTED, Preempted
+
     try:
         run(argv)
     except UsageError as e:
         if _is_rank0():
             print(f"notrainer: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingDiverged as e:  # non-finite losses: the last good checkpoint is kept
+        if _is_rank0():
+            print(f"notrainer: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except Preempted as e:  # a signal asked us to stop: checkpoint written, requeue the job
+        if _is_rank0():
+            print(f"notrainer: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 
@@ -33,11 +44,13 @@ def _is_rank0() -> bool:
 
 def check_output_dir(cfg) -> None:
     """Never silently mix a new run into an old one, and never delete without being asked."""
-    from .checkpoint import checkpoint_root, list_checkpoints, resolve
+    from .checkpoint import check_task, checkpoint_root, list_checkpoints, resolve
 
     out = cfg.output_dir
     if cfg.resume_from_checkpoint:
-        resolve(out, cfg.resume_from_checkpoint)  # a bad path fails here, before anything runs
+        path = resolve(out, cfg.resume_from_checkpoint)  # a bad path fails here, before anything runs
+        if path is not None:
+            check_task(path, cfg.task)
         return
     has_run = bool(list_checkpoints(out)) or os.path.isfile(os.path.join(out, "all_results.json"))
     if has_run and cfg.do_train:
@@ -56,6 +69,7 @@ def build(cfg, task_cls):
 
     from .config import save_yaml, to_dict
     from .loop import Loop, make_accelerator
+    from .lora import apply_lora
     from .optim import build_optimizer, scheduler_factory
 
     acc = make_accelerator(cfg.output_dir, cfg.gradient_accumulation_steps, cfg.mixed_precision, cfg.report_to,
@@ -69,6 +83,13 @@ def build(cfg, task_cls):
     tokenizer = task.build_tokenizer(raw)
     model = task.build_model(tokenizer)
     task.check_model(model, tokenizer)
+    model = apply_lora(model, cfg, task)  # lora.r > 0: only peft adapters (and the task's new head) train
+    if cfg.resume_from_checkpoint:  # another model shape fails here, before output_dir is touched
+        from .checkpoint import check_model, resolve
+
+        path = resolve(cfg.output_dir, cfg.resume_from_checkpoint)
+        if path is not None:
+            check_model(path, model)
     with acc.main_process_first():
         ds = task.prepare_datasets(raw, tokenizer)
 
@@ -110,8 +131,13 @@ def build(cfg, task_cls):
         max_grad_norm=cfg.max_grad_norm, eval_steps=cfg.eval_steps, logging_steps=cfg.logging_steps,
         checkpointing_steps=cfg.checkpointing_steps, save_total_limit=cfg.save_total_limit,
         resume_from_checkpoint=cfg.resume_from_checkpoint, output_dir=cfg.output_dir, report_to=cfg.report_to,
+        checkpointing_minutes=cfg.checkpointing_minutes, metric_for_best_model=cfg.metric_for_best_model,
+        greater_is_better=cfg.greater_is_better, load_best_model_at_end=cfg.load_best_model_at_end,
+        early_stopping_patience=cfg.early_stopping_patience, early_stopping_threshold=cfg.early_stopping_threshold,
+        max_nonfinite_steps=cfg.max_nonfinite_steps, seed=cfg.seed,
         num_items_fn=task.num_items, num_tokens_fn=task.num_tokens, eval_fn=task.eval_step,
         metrics_fn=task.compute_metrics, tokenizer=tokenizer, config=to_dict(cfg), accelerator=acc,
+        peak_tflops=cfg.peak_tflops,
     )
     return loop, task
 
