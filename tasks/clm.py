@@ -17,7 +17,8 @@ from typing import Optional
 
 from notrainer.config import TrainConfig, key
 from notrainer.data import require_columns
-from notrainer.errors import check
+from notrainer import losses
+from notrainer.errors import UsageError, check
 
 from .base import Task, require_pad_token, safe_exp, token_losses
 
@@ -28,6 +29,8 @@ class CLMConfig(TrainConfig):
     block_size: Optional[int] = key(None, "tokens per training block (default: min(1024, the model's positions))")
     line_by_line: bool = key(False, "one padded example per line/document instead of concatenate-and-chunk")
     add_eos_token: bool = key(True, "append the end-of-text token to each document before chunking")
+    chunked_loss: Optional[bool] = key(None, "lm_head + cross-entropy in chunks, never the full fp32 logits "
+                                             "(docs/performance.md); default: on when CUDA is available")
 
 
 class CLMTask(Task):
@@ -84,6 +87,7 @@ class CLMTask(Task):
     def check_model(self, model, tokenizer) -> None:
         super().check_model(model, tokenizer)
         self._block_size = self.block_size(tokenizer, model)
+        self._head = self.chunked_loss_head(model)
         if self.cfg.line_by_line:
             require_pad_token(tokenizer, "line_by_line=true (padding)")
 
@@ -138,12 +142,45 @@ class CLMTask(Task):
 
     # ------------------------------------------------------------------ loss and metrics
 
+    _head = None  # the switchable lm_head when the chunked loss is on (see check_model)
+
+    def chunked_loss_head(self, model):
+        """Install the switchable lm_head for notrainer.losses when chunked_loss is on (or auto
+        on CUDA and supported); None otherwise."""
+        import torch
+
+        want = self.cfg.chunked_loss
+        reason = losses.unsupported_reason(model) or _sharded_reason()
+        if want and reason:
+            raise UsageError(f"chunked_loss=true: {reason}; set chunked_loss=false")
+        if want is None:
+            want = torch.cuda.is_available() and reason is None
+        return losses.install_hidden_states_head(model) if want else None
+
+    def loss(self, model, batch):
+        if self._head is None:
+            return model(**batch).loss
+        # The model runs through its wrappers (DDP, compile, autocast) and hands back its last
+        # hidden state; the head's matmul and the cross-entropy then run chunk by chunk.
+        with losses.hidden_states_from(self._head):
+            hidden = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        return losses.linear_cross_entropy(hidden, self._head.weight, losses.shift_labels(batch["labels"]),
+                                           bias=self._head.bias,
+                                           compute_dtype=losses.compute_dtype_for(self.cfg.mixed_precision))
+
     def num_items(self, batch):
         # The model shifts labels by one: the last position of each row predicts nothing.
         return (batch["labels"][:, 1:] != -100).sum()
 
     def eval_step(self, model, batch):
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if self._head is not None:
+            with losses.hidden_states_from(self._head):
+                hidden = model(**inputs).logits
+            return losses.token_losses(hidden, self._head.weight, losses.shift_labels(batch["labels"]),
+                                       bias=self._head.bias,
+                                       compute_dtype=losses.compute_dtype_for(self.cfg.mixed_precision))
+        logits = model(**inputs).logits
         return token_losses(logits, batch["labels"], shift=True)
 
     def compute_metrics(self, outputs, eval_loss):
@@ -151,6 +188,23 @@ class CLMTask(Task):
 
 
 # ---------------------------------------------------------------------- built-in corpus
+
+def _sharded_reason() -> str | None:
+    """The chunked loss reads lm_head.weight outside the model's forward, which FSDP and
+    DeepSpeed ZeRO-3 only hold as shards there."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    if not AcceleratorState._shared_state:
+        return None
+    state = AcceleratorState()
+    if state.distributed_type == DistributedType.FSDP:
+        return "FSDP shards lm_head.weight outside the forward pass"
+    plugin = getattr(state, "deepspeed_plugin", None)
+    if state.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3:
+        return "DeepSpeed ZeRO-3 shards lm_head.weight outside the forward pass"
+    return None
+
 
 _NOUNS = "cat dog bird fox horse mouse farmer teacher child river garden house ship king queen robot".split()
 _ADJS = "small big red green quick lazy old young happy quiet bright dark".split()

@@ -1,0 +1,198 @@
+"""A causal-LM loss that never materialises the full logits.
+
+The usual path computes `lm_head(hidden)` for every position (batch x seq x vocab), upcasts
+it to fp32 (in `ForCausalLMLoss`, and again in accelerate's mixed-precision output wrapper)
+and keeps it for backward: 8 x 2048 x 151,936 fp32 logits are 10 GB. Here the head's matmul
+and the cross-entropy run over chunks of rows; each chunk's softmax gradient is turned into
+the gradients of the hidden states and of the head weight at once, in the forward pass, and
+the chunk's logits are dropped. Backward only scales the stored gradients by the incoming
+(scalar) gradient. Cost: the same three matmuls as the plain path (logits, dL/dh, dL/dW), no
+recomputation; memory: one chunk of logits instead of all of them.
+
+    hidden = model(input_ids=..., attention_mask=...).logits   # with lm_head switched off, below
+    loss = linear_cross_entropy(hidden, head.weight, targets)   # mean over targets != -100
+
+How the hidden states come out of an unmodified Hugging Face model: `HiddenStatesHead` swaps
+the class of the model's lm_head (an nn.Linear; the state dict is unchanged) for a subclass
+that returns its input while `head.return_hidden` is set. The model is still called through
+its wrappers (DDP, torch.compile, accelerate's autocast), so gradient sync and compilation
+work as usual; accelerate's fp32 output conversion then touches the (small) hidden states
+instead of the logits. Only model types whose forward does nothing to the logits after the
+head are accepted (no soft-capping, no logit scaling): see SUPPORTED_MODEL_TYPES.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+IGNORE_INDEX = -100
+
+#: Model types checked (tests/test_losses.py) to return `lm_head(last hidden state)` as logits.
+SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo2")
+
+#: fp32 logits per chunk: rows = CHUNK_ELEMENTS // vocab (2^26 elements = 256 MiB of fp32).
+CHUNK_ELEMENTS = 2**26
+
+
+def default_chunk_rows(vocab_size: int) -> int:
+    return max(128, CHUNK_ELEMENTS // max(vocab_size, 1))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """mean over valid rows of cross_entropy(hidden @ weight.T + bias, targets), chunked."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows, compute_dtype):
+        n_rows = hidden.shape[0]
+        valid_all = targets != IGNORE_INDEX
+        # Kept on the device: no host sync. An all-ignored batch gives loss 0, not NaN.
+        inv_count = 1.0 / valid_all.sum().clamp(min=1).to(torch.float32)
+        want_h, want_w, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+        w = weight.to(compute_dtype)
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, n_rows, chunk_rows):
+            end = min(start + chunk_rows, n_rows)
+            h = hidden[start:end].to(compute_dtype)
+            t = targets[start:end]
+            valid = valid_all[start:end]
+            logits = (h @ w.t()).float()
+            if bias is not None:
+                logits += bias.float()
+            lse = torch.logsumexp(logits, dim=-1)
+            safe_t = torch.where(valid, t, 0).unsqueeze(1)
+            target_logit = logits.gather(1, safe_t).squeeze(1)
+            total += ((lse - target_logit) * valid).sum()
+            if not (want_h or want_w or want_b):
+                continue
+            # d(mean CE)/d(logits) = (softmax - onehot) / count on valid rows, 0 elsewhere.
+            g = logits.sub_(lse.unsqueeze(1)).exp_()  # in place: the chunk's logits are done
+            g.scatter_add_(1, safe_t, torch.full_like(target_logit, -1.0).unsqueeze(1))
+            g.mul_((valid.to(torch.float32) * inv_count).unsqueeze(1))
+            if want_b:
+                grad_b += g.sum(0)
+            g = g.to(compute_dtype)
+            if want_h:
+                grad_h[start:end] = (g @ w).to(hidden.dtype)
+            if want_w:
+                grad_w += (g.t() @ h).float()
+            del logits, g
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return total * inv_count
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = grad_out.to(torch.float32)
+        out_h = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
+        out_w = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
+        out_b = (grad_b * scale).to(ctx.bias_dtype) if grad_b is not None else None
+        return out_h, out_w, out_b, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: torch.Tensor | None = None, chunk_rows: int | None = None,
+                         compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T (+ bias)` against `targets` (IGNORE_INDEX
+    skipped), computed chunk by chunk. `hidden` is (..., H), `targets` the matching (...).
+    `compute_dtype` is the matmul dtype (bf16 under mixed precision); softmax and sums are fp32.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1).to(hidden.device)
+    chunk = chunk_rows or default_chunk_rows(weight.shape[0])
+    dtype = compute_dtype or hidden.dtype
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, dtype)
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Targets for causal LM: position t predicts label t+1; the last position predicts
+    nothing. Same as transformers' ForCausalLMLoss (pad with -100, drop the first)."""
+    return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
+
+
+@torch.no_grad()
+def token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                 bias: torch.Tensor | None = None, chunk_rows: int | None = None,
+                 compute_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Per-example summed cross-entropy and target counts (for evaluation), chunked over rows
+    of `hidden` (batch, seq, H) so that a whole batch of logits never exists at once."""
+    batch, seq = targets.shape
+    dtype = compute_dtype or hidden.dtype
+    w = weight.to(dtype)
+    rows_per_chunk = max(1, (chunk_rows or default_chunk_rows(weight.shape[0])) // max(seq, 1))
+    sums = []
+    for start in range(0, batch, rows_per_chunk):
+        h = hidden[start:start + rows_per_chunk].to(dtype)
+        t = targets[start:start + rows_per_chunk]
+        logits = (h @ w.t()).float()
+        if bias is not None:
+            logits += bias.float()
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), t, ignore_index=IGNORE_INDEX, reduction="none")
+        sums.append(ce.sum(1))
+    return {"loss": torch.cat(sums), "num_items": (targets != IGNORE_INDEX).sum(1)}
+
+
+# ---------------------------------------------------------------------- getting hidden states out
+
+
+class HiddenStatesHead(torch.nn.Linear):
+    """An nn.Linear that returns its input unchanged while `return_hidden` is set.
+
+    Installed by `install_hidden_states_head` by swapping the head's class: weights, state
+    dict, tying and `from_pretrained`/`save_pretrained` are untouched.
+    """
+
+    return_hidden: bool = False
+
+    def forward(self, x):
+        if self.return_hidden:
+            return x
+        return super().forward(x)
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the chunked loss cannot be used on this model, or None if it can."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type {model_type!r} is not one the chunked loss is checked on ({', '.join(SUPPORTED_MODEL_TYPES)})"
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) not in (torch.nn.Linear, HiddenStatesHead):
+        return f"the model's output layer is a {type(head).__name__}, not an nn.Linear"
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(config, attr, None) not in (None, 1, 1.0):
+            return f"the model transforms its logits ({attr}={getattr(config, attr)})"
+    return None
+
+
+def install_hidden_states_head(model) -> HiddenStatesHead:
+    """Make the model's lm_head switchable (see HiddenStatesHead); returns the head."""
+    head = model.get_output_embeddings()
+    if type(head) is torch.nn.Linear:
+        head.__class__ = HiddenStatesHead
+    return head
+
+
+@contextlib.contextmanager
+def hidden_states_from(head: HiddenStatesHead):
+    """While inside, the model's "logits" output is the last hidden state."""
+    head.return_hidden = True
+    try:
+        yield
+    finally:
+        head.return_hidden = False
+
+
+def compute_dtype_for(mixed_precision: str | None) -> torch.dtype | None:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision or "no")
+
+
+__all__ = ["HiddenStatesHead", "SUPPORTED_MODEL_TYPES", "compute_dtype_for", "hidden_states_from",
+           "install_hidden_states_head", "linear_cross_entropy", "shift_labels", "token_losses",
+           "unsupported_reason"]
