@@ -1,9 +1,11 @@
 """Offline building blocks for the embedded defaults: a tokenizer trained in a second on the
 task's own corpus, and tiny model configs. No file and no network needed.
 
-The tokenizer is a BPE over words split like BERT's (so `word_ids()` and offset mappings work
-for token classification and QA) with "##" marking word-inner pieces. BPE training is
-deterministic, so a resumed run rebuilds exactly the same vocabulary.
+The tokenizer is a BPE. For encoders ("bert" style) words are split like BERT's (so
+`word_ids()` and offset mappings work for token classification and QA) with "</w>" marking
+the piece that ends a word; for decoders ("gpt" style) spaces live inside the tokens, so generated text
+decodes back exactly. BPE training is deterministic (WordPiece training is not), so a resumed
+run rebuilds exactly the same vocabulary.
 """
 
 from __future__ import annotations
@@ -24,13 +26,22 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000, style: str = "
     from transformers import PreTrainedTokenizerFast
 
     specials = list(SPECIAL_TOKENS.values())
-    tok = Tokenizer(models.BPE(unk_token="[UNK]", continuing_subword_prefix="##"))
+    if style == "bert":
+        # Words split on spaces and punctuation; "</w>" marks the piece that ends a word.
+        tok = Tokenizer(models.BPE(unk_token="[UNK]", end_of_word_suffix="</w>"))
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.BPEDecoder(suffix="</w>")
+        prefix = {"end_of_word_suffix": "</w>"}
+    else:
+        # Spaces are kept in the tokens ("▁word"), so generated text decodes back exactly.
+        tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        prefix = {}
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, continuing_subword_prefix="##",
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False, **prefix)
     tok.train_from_iterator(list(texts), trainer)
+    tok = _canonical_ids(tok, specials)
     if style == "bert":
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
@@ -39,6 +50,27 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000, style: str = "
         )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length, **SPECIAL_TOKENS)
     return fast
+
+
+def _canonical_ids(tok, specials: list[str]):
+    """Renumber the vocabulary deterministically: special tokens, then the alphabet sorted, then
+    merged tokens in merge order. BPE training always learns the same tokens and merges, but
+    with a suffix it numbers the alphabet in hash order, which would change the ids (and so the
+    meaning of every embedding row) from one run to the next."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    data = json.loads(tok.to_str())
+    vocab, merges = data["model"]["vocab"], data["model"]["merges"]
+    merged = ["".join(m) if isinstance(m, list) else m.replace(" ", "") for m in merges]
+    first = specials + sorted(set(vocab) - set(specials) - set(merged))
+    order = list(dict.fromkeys(first + merged))
+    assert len(order) == len(vocab)
+    data["model"]["vocab"] = {t: i for i, t in enumerate(order)}
+    for added in data.get("added_tokens", []):
+        added["id"] = data["model"]["vocab"][added["content"]]
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def tiny_config(model_type: str, tokenizer, max_positions: int = 512, **overrides):
