@@ -46,23 +46,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_rows, compute_dtype):
         n_rows = hidden.shape[0]
+        acc = torch.promote_types(compute_dtype, torch.float32)  # softmax and sums: fp32 at least
         valid_all = targets != IGNORE_INDEX
         # Kept on the device: no host sync. An all-ignored batch gives loss 0, not NaN.
-        inv_count = 1.0 / valid_all.sum().clamp(min=1).to(torch.float32)
+        inv_count = 1.0 / valid_all.sum().clamp(min=1).to(acc)
         want_h, want_w, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
         w = weight.to(compute_dtype)
         grad_h = torch.empty_like(hidden) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if want_b else None
+        total = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, n_rows, chunk_rows):
             end = min(start + chunk_rows, n_rows)
             h = hidden[start:end].to(compute_dtype)
             t = targets[start:end]
             valid = valid_all[start:end]
-            logits = (h @ w.t()).float()
+            logits = (h @ w.t()).to(acc)
             if bias is not None:
-                logits += bias.float()
+                logits += bias.to(acc)
             lse = torch.logsumexp(logits, dim=-1)
             safe_t = torch.where(valid, t, 0).unsqueeze(1)
             target_logit = logits.gather(1, safe_t).squeeze(1)
@@ -72,14 +73,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # d(mean CE)/d(logits) = (softmax - onehot) / count on valid rows, 0 elsewhere.
             g = logits.sub_(lse.unsqueeze(1)).exp_()  # in place: the chunk's logits are done
             g.scatter_add_(1, safe_t, torch.full_like(target_logit, -1.0).unsqueeze(1))
-            g.mul_((valid.to(torch.float32) * inv_count).unsqueeze(1))
+            g.mul_((valid.to(acc) * inv_count).unsqueeze(1))
             if want_b:
                 grad_b += g.sum(0)
             g = g.to(compute_dtype)
             if want_h:
                 grad_h[start:end] = (g @ w).to(hidden.dtype)
             if want_w:
-                grad_w += (g.t() @ h).float()
+                grad_w += (g.t() @ h).to(acc)
             del logits, g
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.weight_dtype = weight.dtype
@@ -89,7 +90,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w, grad_b = ctx.saved_tensors
-        scale = grad_out.to(torch.float32)
+        scale = grad_out.to(grad_w.dtype if grad_w is not None else torch.float32)
         out_h = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
         out_w = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
         out_b = (grad_b * scale).to(ctx.bias_dtype) if grad_b is not None else None
@@ -130,9 +131,9 @@ def token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     for start in range(0, batch, rows_per_chunk):
         h = hidden[start:start + rows_per_chunk].to(dtype)
         t = targets[start:start + rows_per_chunk]
-        logits = (h @ w.t()).float()
+        logits = (h @ w.t()).to(torch.promote_types(dtype, torch.float32))
         if bias is not None:
-            logits += bias.float()
+            logits += bias.to(logits.dtype)
         ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), t, ignore_index=IGNORE_INDEX, reduction="none")
         sums.append(ce.sum(1))
     return {"loss": torch.cat(sums), "num_items": (targets != IGNORE_INDEX).sum(1)}
