@@ -108,10 +108,10 @@ class Task:
                 from transformers import AutoConfig
 
                 config = AutoConfig.from_pretrained(cfg.config_name, trust_remote_code=cfg.trust_remote_code, **kwargs)
-            elif cfg.model_class and ":" not in cfg.model_class:  # a registered model_type
-                from transformers import AutoConfig
-
-                config = AutoConfig.for_model(cfg.model_class, **kwargs)
+            elif cfg.model_class:  # a registered model_type, or a class: its config type, tiny-sized
+                model_type = cfg.model_class if ":" not in cfg.model_class else \
+                    getattr(getattr(cls, "config_class", None), "model_type", None) or self.tiny_model_type
+                config = builtin.tiny_config(model_type, tokenizer, **kwargs)
             else:
                 config = self.tiny_config(tokenizer)
             if hasattr(cls, "from_config"):

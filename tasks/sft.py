@@ -1,0 +1,299 @@
+"""Supervised fine-tuning of a causal LM on chats or prompt/response pairs.
+
+    accelerate launch -m notrainer.run task=sft model_name_or_path=Qwen/Qwen2-0.5B train_file=chats.jsonl
+
+Data, one record per line:
+  chat             {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
+                   rendered with the tokenizer's chat template (or `chat_template=`, or a simple built-in
+                   one when the tokenizer has none);
+  prompt/response  {"prompt": "...", "response": "..."}  (`prompt_column`, `response_column`),
+                   the response followed by the end-of-text token.
+
+Only response (assistant) tokens are trained: every other label is -100. `packing=true` puts a
+whole micro-batch in one row without padding (transformers' DataCollatorWithFlattening): the
+position ids restart at every example, which the model's attention turns into a block-diagonal
+mask, so examples never see each other. Metrics: eval_loss and eval_perplexity over response
+tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from notrainer.config import key
+from notrainer.config import TrainConfig
+from notrainer.data import require_columns
+from notrainer.errors import UsageError, check
+
+from .base import safe_exp, token_losses
+from .clm import CLMTask
+
+#: Used when the tokenizer has no chat template of its own (the built-in tokenizer, base models).
+#: Every turn is "role: content<eos>" (no newline: the built-in tokenizer has none in its vocabulary);
+#: the generation prompt is "assistant:".
+SIMPLE_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] + ': ' + message['content'] + eos_token }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
+)
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    messages_column: str = key("messages", "column holding chats: lists of {role, content}")
+    prompt_column: str = key("prompt", "column holding prompts (prompt/response data)")
+    response_column: str = key("response", "column holding responses (prompt/response data)")
+    chat_template: Optional[str] = key(None, "Jinja chat template (a file or the template itself) instead of the tokenizer's")
+    max_seq_length: Optional[int] = key(None, "truncate examples to this many tokens (default: min(1024, the model's positions))")
+    packing: bool = key(False, "pack each micro-batch into one row without padding; attention stays inside each example")
+
+
+class SFTTask(CLMTask):
+    name = "sft"
+    Config = SFTConfig
+    tiny_model_type = "llama"  # its attention honours packed position ids (see check_model)
+    embedded_defaults = dict(learning_rate=3e-3, num_train_epochs=2.0, per_device_train_batch_size=16,
+                             per_device_eval_batch_size=32, warmup_ratio=0.05, lr_scheduler_type="cosine",
+                             weight_decay=0.01)
+
+    # ------------------------------------------------------------------ data
+
+    def builtin_datasets(self):
+        import datasets
+
+        train, validation = builtin_instructions()
+        return datasets.DatasetDict(train=datasets.Dataset.from_list(train),
+                                    validation=datasets.Dataset.from_list(validation))
+
+    def tokenizer_texts(self, raw):
+        ds = raw["train"]
+        if self.data_format(ds) == "chat":
+            # Malformed records are reported by render_chat; here just skip what is not text.
+            turns = [m for chat in ds[self.cfg.messages_column] for m in (chat or []) if isinstance(m, dict)]
+            texts = [m["content"] for m in turns if isinstance(m.get("content"), str)]
+            roles = {m["role"] for m in turns if isinstance(m.get("role"), str)}
+            return texts + [f"{r}:" for r in sorted(roles)] * 20
+        return list(ds[self.cfg.prompt_column]) + list(ds[self.cfg.response_column])
+
+    def data_format(self, ds) -> str:
+        cfg = self.cfg
+        if cfg.messages_column in ds.column_names:
+            return "chat"
+        if cfg.prompt_column in ds.column_names and cfg.response_column in ds.column_names:
+            return "prompt_response"
+        raise UsageError(f"task=sft needs a {cfg.messages_column!r} column (chats) or {cfg.prompt_column!r} and "
+                         f"{cfg.response_column!r} columns; the data has {', '.join(ds.column_names)} "
+                         "(set messages_column=, or prompt_column= and response_column=)")
+
+    def check_model(self, model, tokenizer) -> None:
+        super(CLMTask, self).check_model(model, tokenizer)
+        cfg = self.cfg
+        limit = self.max_positions(model)
+        if cfg.max_seq_length is not None:
+            check(cfg.max_seq_length >= 2, "max_seq_length must be >= 2")
+            check(limit is None or cfg.max_seq_length <= limit,
+                  f"max_seq_length={cfg.max_seq_length} is larger than the model's {limit} positions; "
+                  f"use max_seq_length<={limit}")
+            self._max_len = cfg.max_seq_length
+        else:
+            self._max_len = min([1024] + [x for x in (limit, tokenizer.model_max_length) if x and x < 10**6])
+        if cfg.chat_template:
+            tokenizer.chat_template = _read_template(cfg.chat_template)
+        elif tokenizer.chat_template is None:
+            tokenizer.chat_template = SIMPLE_CHAT_TEMPLATE  # saved with the tokenizer at export
+        check(tokenizer.eos_token is not None, "task=sft needs a tokenizer with an end-of-text (eos) token")
+        if cfg.packing:
+            check(packing_is_isolated(model),
+                  f"packing=true: {type(model).__name__} does not build its attention mask from packed position "
+                  "ids, so packed examples would attend to each other; use packing=false")
+        elif tokenizer.pad_token is None:
+            # Labels come from our own mask, never from pad positions, so padding with eos is harmless.
+            tokenizer.pad_token = tokenizer.eos_token
+
+    def prepare_datasets(self, raw, tokenizer):
+        cfg, max_len = self.cfg, self._max_len
+        fmt = self.data_format(raw["train"] if "train" in raw else next(iter(raw.values())))
+        for split in raw.values():
+            if fmt == "chat":
+                require_columns(split, {"messages_column": cfg.messages_column})
+            else:
+                require_columns(split, {"prompt_column": cfg.prompt_column, "response_column": cfg.response_column})
+
+        def encode(batch):
+            rows = {"input_ids": [], "labels": []}
+            n = len(next(iter(batch.values())))
+            for i in range(n):
+                if fmt == "chat":
+                    text, spans = render_chat(tokenizer, batch[cfg.messages_column][i])
+                else:
+                    text, spans = render_prompt_response(tokenizer, batch[cfg.prompt_column][i],
+                                                         batch[cfg.response_column][i])
+                ids, labels = tokenize_with_labels(tokenizer, text, spans, max_len, add_special_tokens=fmt != "chat")
+                # An example whose response was cut away entirely teaches nothing: drop it.
+                if any(x != -100 for x in labels[1:]):
+                    rows["input_ids"].append(ids)
+                    rows["labels"].append(labels)
+            return rows
+
+        import datasets
+
+        out = datasets.DatasetDict({
+            name: split.map(encode, batched=True, remove_columns=split.column_names, num_proc=cfg.preprocessing_num_workers,
+                            load_from_cache_file=not cfg.overwrite_cache, desc=f"tokenizing {name}")
+            for name, split in raw.items()
+        })
+        if "train" in out:
+            check(len(out["train"]) > 0, f"no training example has a response within max_seq_length={max_len} tokens")
+        return out
+
+    def collator(self, tokenizer):
+        if self.cfg.packing:
+            from transformers import DataCollatorWithFlattening
+
+            return DataCollatorWithFlattening()
+        from transformers import DataCollatorForSeq2Seq
+
+        # Right padding: absolute position embeddings (gpt2) would shift under left padding.
+        tok = copy.copy(tokenizer)
+        tok.padding_side = "right"
+        return DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100,
+                                      pad_to_multiple_of=8 if torch.cuda.is_available() else None)
+
+    # ------------------------------------------------------------------ loss and metrics
+
+    def loss(self, model, batch):
+        # use_cache=False matters for packing: with a cache, transformers skips the packed-sequence
+        # detection and the examples of a row would attend to each other.
+        return model(**batch, use_cache=False).loss
+
+    def eval_step(self, model, batch):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs, use_cache=False).logits
+        if "position_ids" not in batch or "attention_mask" in batch:
+            return token_losses(logits, batch["labels"], shift=True)
+        # A packed row: split the per-token losses back into examples (position 0 starts one),
+        # so that every example is one row of the gathered outputs.
+        labels = batch["labels"][:, 1:]
+        per_token = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
+                                                      ignore_index=-100, reduction="none")
+        example = (batch["position_ids"] == 0).cumsum(-1)[:, 1:] - 1  # example index of each target
+        n = int((batch["position_ids"] == 0).sum())
+        loss = torch.zeros(n, device=logits.device).index_add_(0, example.flatten(), per_token.flatten())
+        count = torch.zeros(n, device=logits.device, dtype=torch.long).index_add_(
+            0, example.flatten(), (labels != -100).long().flatten())
+        return {"loss": loss, "num_items": count}
+
+    def compute_metrics(self, outputs, eval_loss):
+        return {"perplexity": safe_exp(eval_loss)}
+
+
+# ---------------------------------------------------------------------- rendering and masking
+
+
+def render_chat(tokenizer, messages) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered chat and the character spans of its assistant turns.
+
+    Each assistant turn's span is what the template adds between "the chat so far plus the
+    generation prompt" and "the chat including that turn": the reply and its end marker.
+    """
+    check(isinstance(messages, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages),
+          "every chat must be a list of {\"role\": ..., \"content\": ...} messages")
+    spans = []
+    try:
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            through = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+            check(through.startswith(before), "the chat template renders a conversation differently when a turn "
+                                              "is appended, so assistant turns cannot be located; set chat_template=...")
+            spans.append((len(before), len(through)))
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except UsageError:
+        raise
+    except Exception as e:  # template errors (e.g. roles must alternate) are data problems
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"the chat template failed on a record: {first}") from None
+    return text, spans
+
+
+def render_prompt_response(tokenizer, prompt: str, response: str) -> tuple[str, list[tuple[int, int]]]:
+    check(isinstance(prompt, str) and isinstance(response, str), "prompt and response must be strings")
+    text = prompt + response + tokenizer.eos_token
+    return text, [(len(prompt), len(text))]
+
+
+def tokenize_with_labels(tokenizer, text: str, spans, max_len: int, add_special_tokens: bool):
+    """Token ids and labels: a token is a target when its characters overlap a response span."""
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True,
+                    truncation=True, max_length=max_len)
+    labels = []
+    for tok, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+        inside = end > start and any(start < s_end and end > s_start for s_start, s_end in spans)
+        labels.append(tok if inside else -100)
+    return enc["input_ids"], labels
+
+
+def packing_is_isolated(model) -> bool:
+    """True when the model keeps packed examples apart: flash-attention varlen kernels read the
+    position ids directly; the sdpa/eager/flex paths do it through transformers' mask builder
+    (create_causal_mask), which turns restarting position ids into a block-diagonal mask."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    impl = getattr(base.config, "_attn_implementation", None) or ""
+    if impl.startswith("flash_attention"):
+        return True
+    module = sys.modules.get(type(base).__module__)
+    return hasattr(module, "create_causal_mask")
+
+
+def _read_template(value: str) -> str:
+    import os
+
+    if os.path.isfile(value):
+        with open(value) as f:
+            return f.read()
+    check("{" in value, f"chat_template={value!r}: no such file, and not a Jinja template")
+    return value
+
+
+# ---------------------------------------------------------------------- built-in instructions
+
+_CAPITALS = {
+    "france": "paris", "spain": "madrid", "italy": "rome", "germany": "berlin", "japan": "tokyo",
+    "egypt": "cairo", "peru": "lima", "kenya": "nairobi", "norway": "oslo", "greece": "athens",
+    "canada": "ottawa", "china": "beijing", "russia": "moscow", "cuba": "havana", "chile": "santiago",
+    "poland": "warsaw", "austria": "vienna", "ireland": "dublin", "portugal": "lisbon", "sweden": "stockholm",
+}
+_WORDS = "apple river stone cloud tiger lamp green music bread candle ocean pencil mountain silver window".split()
+_SYSTEM = "you are a helpful assistant ."
+
+
+def builtin_instructions(n_train: int = 1200, n_eval: int = 120, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Chats a tiny model can learn: capitals (a fixed table), sums of small numbers, and
+    reversing a list of words (copying from the prompt). Eval chats are drawn the same way."""
+    rng = random.Random(seed)
+
+    def one() -> dict:
+        kind = rng.random()
+        if kind < 0.34:
+            country = rng.choice(sorted(_CAPITALS))
+            q, a = f"what is the capital of {country} ?", f"the capital of {country} is {_CAPITALS[country]} ."
+        elif kind < 0.67:
+            x, y = rng.randint(0, 9), rng.randint(0, 9)
+            q, a = f"what is {x} plus {y} ?", f"{x} plus {y} is {x + y} ."
+        else:
+            words = rng.sample(_WORDS, rng.randint(2, 4))
+            q, a = "reverse the words : " + " ".join(words), " ".join(reversed(words))
+        messages = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        if rng.random() < 0.3:
+            messages.insert(0, {"role": "system", "content": _SYSTEM})
+        return {"messages": messages}
+
+    return [one() for _ in range(n_train)], [one() for _ in range(n_eval)]
