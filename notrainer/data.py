@@ -20,7 +20,8 @@ BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", 
 def builder_for(path: str) -> tuple[str, dict]:
     ext = os.path.splitext(path)[1].lower()
     check(ext in BUILDERS, f"{path}: unsupported file type {ext or '(none)'}; use one of {', '.join(sorted(BUILDERS))}")
-    kwargs = {"delimiter": "\t"} if ext == ".tsv" else {}
+    # TSV as GLUE ships it: no quoting, so a field that starts with " (MRPC has them) stays one field.
+    kwargs = {"delimiter": "\t", "quoting": 3} if ext == ".tsv" else {}  # 3 = csv.QUOTE_NONE
     return BUILDERS[ext], kwargs
 
 

@@ -1,0 +1,206 @@
+"""Masked language modelling (BERT-style pretraining or domain adaptation of an encoder).
+
+    accelerate launch -m notrainer.run task=mlm model_name_or_path=bert-base-uncased train_file=corpus.txt
+
+Texts are tokenized with their special tokens, concatenated and cut into `max_seq_length`
+blocks (or, with line_by_line=true, each line is one example). Training batches are masked
+afresh every time by `DataCollatorForLanguageModeling` (`mlm_probability`, optionally whole
+words). The validation set is masked once, while it is prepared, with a generator seeded by
+(seed, row index): eval_perplexity is the same number on every run of the same checkpoint,
+under any number of processes and batch sizes.
+
+Metrics: eval_loss (per masked token), eval_perplexity, eval_accuracy (masked tokens
+predicted exactly).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+from typing import Optional
+
+import torch
+
+from notrainer.config import TrainConfig, key
+from notrainer.data import require_columns
+from notrainer.errors import UsageError, check
+
+from .base import Task, require_pad_token, safe_exp, token_losses
+
+
+@dataclass
+class MLMConfig(TrainConfig):
+    text_column: Optional[str] = key(None, "column holding the text (default: 'text', else the first string column)")
+    max_seq_length: Optional[int] = key(None, "tokens per example (default: min(512, the model's positions))")
+    line_by_line: bool = key(False, "one example per line/document (padded) instead of concatenate-and-chunk")
+    mlm_probability: float = key(0.15, "fraction of tokens masked for the loss")
+    whole_word_masking: bool = key(False, "mask all sub-tokens of a word together (needs a fast tokenizer)")
+
+    def validate(self) -> None:
+        super().validate()
+        check(0.0 < self.mlm_probability < 1.0, f"mlm_probability must be in (0, 1), got {self.mlm_probability}")
+        check(self.max_seq_length is None or self.max_seq_length >= 4, "max_seq_length must be >= 4")
+
+
+class MLMTask(Task):
+    name = "mlm"
+    Config = MLMConfig
+    auto_model = "AutoModelForMaskedLM"
+    tiny_model_type = "bert"
+    tokenizer_style = "bert"
+    embedded_defaults = dict(learning_rate=2e-3, num_train_epochs=8.0, per_device_train_batch_size=16,
+                             per_device_eval_batch_size=32, max_seq_length=64, warmup_ratio=0.05,
+                             lr_scheduler_type="cosine", weight_decay=0.01)
+
+    # ------------------------------------------------------------------ data
+
+    def builtin_datasets(self):
+        import datasets
+
+        from .clm import builtin_corpus
+
+        docs = builtin_corpus()
+        return datasets.DatasetDict(
+            train=datasets.Dataset.from_dict({"text": docs[:-40]}),
+            validation=datasets.Dataset.from_dict({"text": docs[-40:]}),
+        )
+
+    def tokenizer_texts(self, raw):
+        return raw["train"][self.text_column(raw["train"])]
+
+    def text_column(self, ds) -> str:
+        if self.cfg.text_column:
+            require_columns(ds, {"text_column": self.cfg.text_column})
+            return self.cfg.text_column
+        if "text" in ds.column_names:
+            return "text"
+        strings = [n for n, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+        check(bool(strings), f"no text column found (columns: {', '.join(ds.column_names)}); set text_column=...")
+        return strings[0]
+
+    def check_model(self, model, tokenizer) -> None:
+        super().check_model(model, tokenizer)
+        check(tokenizer.mask_token is not None,
+              "the tokenizer has no mask token, which masked language modelling needs; use an encoder's "
+              "tokenizer (BERT, RoBERTa, ...) or task=clm for a decoder")
+        check(not self.cfg.whole_word_masking or tokenizer.is_fast,
+              "whole_word_masking=true needs a fast tokenizer (offset mappings)")
+        require_pad_token(tokenizer, "masked language modelling (padding)")
+        limit = getattr(model.config, "max_position_embeddings", None)
+        limit = limit if isinstance(limit, int) else None
+        if self.cfg.max_seq_length is not None:
+            check(limit is None or self.cfg.max_seq_length <= limit,
+                  f"max_seq_length={self.cfg.max_seq_length} is larger than the model's {limit} positions; "
+                  f"use max_seq_length<={limit}")
+            self._max_len = self.cfg.max_seq_length
+        else:
+            self._max_len = min(x for x in (512, limit, tokenizer.model_max_length) if x)
+
+    def prepare_datasets(self, raw, tokenizer):
+        import datasets
+
+        cfg, max_len = self.cfg, self._max_len
+        col = self.text_column(raw["train"] if "train" in raw else next(iter(raw.values())))
+        for split in raw.values():
+            require_columns(split, {"text_column": col})
+        wwm = cfg.whole_word_masking
+        map_kwargs = dict(batched=True, num_proc=cfg.preprocessing_num_workers,
+                          load_from_cache_file=not cfg.overwrite_cache)
+
+        if cfg.line_by_line:
+            def tokenize(batch):
+                texts = [t for t in batch[col] if t and t.strip()]
+                return tokenizer(texts, truncation=True, max_length=max_len, return_special_tokens_mask=True,
+                                 return_offsets_mapping=wwm)
+
+            blocks = datasets.DatasetDict({
+                name: split.map(tokenize, remove_columns=split.column_names, desc=f"tokenizing {name}", **map_kwargs)
+                for name, split in raw.items()})
+        else:
+            def tokenize(batch):
+                return tokenizer([t for t in batch[col] if t], return_special_tokens_mask=True,
+                                 return_offsets_mapping=wwm)
+
+            def group(batch):
+                joined = {k: list(chain(*batch[k])) for k in batch}
+                total = len(joined["input_ids"]) // max_len * max_len
+                return {k: [v[i:i + max_len] for i in range(0, total, max_len)] for k, v in joined.items()}
+
+            tokenized = {name: split.map(tokenize, remove_columns=split.column_names, desc=f"tokenizing {name}",
+                                         **map_kwargs) for name, split in raw.items()}
+            blocks = datasets.DatasetDict({
+                name: split.map(group, desc=f"grouping {name} into blocks of {max_len}", **map_kwargs)
+                for name, split in tokenized.items()})
+        for name, split in blocks.items():
+            check(len(split) > 0, f"the {name} text is shorter than one block of {max_len} tokens; "
+                                  "lower max_seq_length, add text, or use line_by_line=true")
+        if "validation" in blocks:
+            blocks["validation"] = self.mask_once(blocks["validation"], tokenizer)
+        return blocks
+
+    def masking_collator(self, tokenizer):
+        from transformers import DataCollatorForLanguageModeling
+
+        return DataCollatorForLanguageModeling(tokenizer, mlm_probability=self.cfg.mlm_probability,
+                                               whole_word_mask=self.cfg.whole_word_masking)
+
+    def mask_once(self, split, tokenizer):
+        """Mask the validation set now, row by row with a generator seeded by (seed, row):
+        the same masks on every run, whatever the batch size, process count or map batching."""
+        masker, seed = self.masking_collator(tokenizer), self.cfg.seed
+
+        def mask(batch, indices):
+            inputs, labels = [], []
+            for row, ids in zip(range(len(indices)), batch["input_ids"]):
+                masker.generator = torch.Generator().manual_seed(seed * 1_000_003 + indices[row])
+                special = torch.tensor([batch["special_tokens_mask"][row]])
+                offsets = torch.tensor([batch["offset_mapping"][row]]) if "offset_mapping" in batch else None
+                masked, lab = masker.torch_mask_tokens(torch.tensor([ids]), special_tokens_mask=special,
+                                                       offset_mapping=offsets)
+                inputs.append(masked[0].tolist())
+                labels.append(lab[0].tolist())
+            return {"input_ids": inputs, "labels": labels}
+
+        drop = [c for c in ("special_tokens_mask", "offset_mapping") if c in split.column_names]
+        return split.map(mask, batched=True, with_indices=True, remove_columns=drop, desc="masking validation",
+                         load_from_cache_file=not self.cfg.overwrite_cache)
+
+    def collator(self, tokenizer):
+        from transformers import DataCollatorForTokenClassification
+
+        train_collate = self.masking_collator(tokenizer)
+        # The validation rows come masked already (they have labels): only pad them.
+        pad_collate = DataCollatorForTokenClassification(tokenizer)
+
+        def collate(features):
+            return pad_collate(features) if "labels" in features[0] else train_collate(features)
+
+        return collate
+
+    # ------------------------------------------------------------------ loss and metrics
+
+    def num_items(self, batch):
+        return (batch["labels"] != -100).sum()
+
+    def eval_step(self, model, batch):
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        labels = batch["labels"]
+        out = token_losses(logits, labels)
+        out["correct"] = ((logits.argmax(-1) == labels) & (labels != -100)).sum(1)
+        out["masked"] = out["num_items"].clone()
+        return out
+
+    def compute_metrics(self, outputs, eval_loss):
+        out = {"perplexity": safe_exp(eval_loss)}
+        if "correct" in outputs:
+            masked = sum(int(x.sum()) for x in outputs["masked"])
+            out["accuracy"] = sum(int(x.sum()) for x in outputs["correct"]) / max(masked, 1)
+        return out
+
+    # ------------------------------------------------------------------ prediction mode
+
+    def predict_step(self, model, batch):
+        raise UsageError("task=mlm has no prediction mode; use pipeline('fill-mask', model=output_dir) on the exported model")
+
+    def format_predictions(self, outputs, dataset):
+        raise UsageError("task=mlm has no prediction mode; use pipeline('fill-mask', model=output_dir) on the exported model")
