@@ -84,12 +84,15 @@ def export(model, state_dict: dict, out_dir: str, merge: bool = False, tokenizer
     `out_dir` may be a temporary folder that becomes `final_dir` afterwards."""
     base_sd = merged_state_dict(model, state_dict, with_adapters=False)
     peft_config = model.peft_config["default"]
+    kwargs = {}
     if not peft_config.base_model_name_or_path:
         # Trained from a random init: the adapter is useless without these exact base weights.
         model.get_base_model().save_pretrained(os.path.join(out_dir, BASE_DIR), state_dict=base_sd)
         peft_config.base_model_name_or_path = os.path.abspath(os.path.join(final_dir or out_dir, BASE_DIR))
-    # peft keeps only the adapter (and modules_to_save) tensors of the state dict.
-    model.save_pretrained(out_dir, state_dict=state_dict)
+        kwargs["save_embedding_layers"] = False  # the exported base already has the resized embeddings
+    # peft keeps only the adapter (and modules_to_save) tensors of the state dict; with a
+    # pretrained base whose vocabulary was resized, it also keeps the embeddings ("auto").
+    model.save_pretrained(out_dir, state_dict=state_dict, **kwargs)
     if merge:
         merged_dir = os.path.join(out_dir, MERGED_DIR)
         model.get_base_model().save_pretrained(merged_dir, state_dict=merged_state_dict(model, state_dict))

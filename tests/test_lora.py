@@ -1,0 +1,163 @@
+"""LoRA (lora.*): only adapters train, adapter folder export, merged export equals base+adapter,
+resume with adapters, gradient checkpointing with adapters, heads kept trainable per task."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from notrainer.errors import UsageError
+
+from conftest import run_cli
+
+FAST = ("max_train_samples=64", "max_eval_samples=16", "logging_steps=1000")
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory):
+    """A 'pretrained' tiny llama + tokenizer saved to a folder, as a user's base model would be."""
+    from accelerate.utils import set_seed
+    from transformers import AutoModelForCausalLM
+
+    from notrainer.builtin import tiny_config
+    from notrainer.config import parse_args
+
+    cfg, task_cls = parse_args(["task=sft"])
+    task = task_cls(cfg)
+    tok = task.build_tokenizer(task.load_raw_datasets())
+    set_seed(1)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", tok))
+    path = tmp_path_factory.mktemp("base") / "tiny-llama"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, base_folder):
+    out = tmp_path_factory.mktemp("lora") / "run"
+    results = run_cli("task=sft", f"model_name_or_path={base_folder}", "lora.r=8", "lora.merge=true",
+                      "learning_rate=1e-2", "max_train_steps=6", *FAST, output_dir=out)
+    return out, results
+
+
+def test_adapter_folder_and_frozen_base(lora_run, base_folder):
+    out, results = lora_run
+    assert results["global_step"] == 6
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 16 and config["peft_type"] == "LORA"
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]  # peft's default for llama
+    assert config["base_model_name_or_path"] == str(base_folder)
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert adapter and all(".lora_A." in k or ".lora_B." in k for k in adapter)
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if ".lora_B." in k)  # B starts at 0: it trained
+    assert not (out / "model.safetensors").exists()  # the full weights are not duplicated at the top
+
+
+def test_merged_folder_loads_without_peft_and_matches_base_plus_adapter(lora_run, base_folder):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = lora_run
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    with_adapter = AutoPeftModelForCausalLM.from_pretrained(out).eval()  # base from base_model_name_or_path
+    base = AutoModelForCausalLM.from_pretrained(base_folder).eval()
+    tok = AutoTokenizer.from_pretrained(out / "merged")
+    ids = tok.apply_chat_template([{"role": "user", "content": "what is 2 plus 3 ?"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        m, a, b = merged(input_ids=ids).logits, with_adapter(input_ids=ids).logits, base(input_ids=ids).logits
+    torch.testing.assert_close(m, a, atol=1e-5, rtol=1e-5)
+    assert (m - b).abs().max() > 1e-3  # the adapter changed something, so the equality means something
+    # Only the adapters trained: the base weights inside the peft model are the original ones.
+    base_sd = base.state_dict()
+    for name, p in with_adapter.get_base_model().named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(p, base_sd[name.replace(".base_layer.", ".")]), name
+
+
+def test_lora_from_scratch_is_self_contained_and_resumes(tmp_path):
+    """The embedded default (random base): the base weights are exported beside the adapter, and
+    a run resumed from its checkpoint ends with the same adapter as the uninterrupted run."""
+    from peft import AutoPeftModelForCausalLM
+
+    common = ("task=sft", "lora.r=4", "max_train_steps=4", *FAST)
+    full = run_cli(*common, "checkpointing_steps=2", output_dir=tmp_path / "full")
+    assert full["global_step"] == 4
+    ckpt = tmp_path / "full" / "checkpoints" / "step_2"
+    resumed = run_cli(*common, f"resume_from_checkpoint={ckpt}", output_dir=tmp_path / "resumed")
+    assert resumed["global_step"] == 4
+    a = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    config = json.loads((tmp_path / "full" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "full" / "base_model")
+    assert AutoPeftModelForCausalLM.from_pretrained(tmp_path / "full") is not None
+
+
+def test_gradient_checkpointing_with_lora_gives_the_same_adapter(tmp_path):
+    common = ("task=sft", "lora.r=4", "lora.dropout=0", "max_train_steps=3", *FAST)
+    plain = run_cli(*common, output_dir=tmp_path / "plain")
+    ckpt = run_cli(*common, "gradient_checkpointing=true", output_dir=tmp_path / "gc")
+    assert plain["global_step"] == ckpt["global_step"] == 3
+    a = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "gc" / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in b.items() if ".lora_B." in k)  # gradients reached the adapters
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def _wrap(model_type: str, auto: str, **overrides):
+    import transformers
+
+    from notrainer.builtin import tiny_config, train_tokenizer
+    from notrainer.config import TrainConfig
+    from notrainer.lora import apply_lora
+
+    tok = train_tokenizer(["a small test corpus for the tokenizer"] * 4, vocab_size=120)
+    torch.manual_seed(0)
+    base = getattr(transformers, auto).from_config(tiny_config(model_type, tok, **overrides))
+    cfg = TrainConfig()
+    cfg.lora.r, cfg.lora.dropout, cfg.lora.merge = 4, 0.0, True
+    return apply_lora(base, cfg, types.SimpleNamespace(auto_model=auto)).eval()
+
+
+@pytest.mark.parametrize("model_type, auto, head", [
+    ("bert", "AutoModelForSequenceClassification", "classifier"),  # the new head trains and is merged
+    ("gpt2", "AutoModelForCausalLM", None),  # Conv1D layers: peft's fan_in_fan_out path
+    ("bert", "AutoModelForTokenClassification", "classifier"),
+])
+def test_trainable_parameters_and_merge_per_architecture(model_type, auto, head):
+    from notrainer.lora import merged_state_dict
+
+    model = _wrap(model_type, auto, num_labels=3) if head else _wrap(model_type, auto)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or (head and f"{head}.modules_to_save" in n) for n in trainable)
+    if head:
+        assert any(f"{head}.modules_to_save" in n for n in trainable)
+    with torch.no_grad():  # move every trainable tensor away from its init (lora_B starts at 0)
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    merged = type(model.get_base_model())(model.get_base_model().config).eval()
+    assert merged.load_state_dict(merged_state_dict(model, model.state_dict()), strict=True)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("args, match", [
+    (("lora.r=4", "lora.target_modules=[no_such_layer]"), "lora.target_modules"),
+    (("lora.r=4", "lora.dropout=1.5"), "lora.dropout must be in"),
+    (("lora.r=4", "lora.alpha=0"), "lora.alpha must be > 0"),
+    (("lora.r=4", "lora.merge=true", "lora.target_modules=[embed_tokens]"), "cannot merge into"),
+])
+def test_bad_lora_settings(tmp_path, args, match):
+    with pytest.raises(UsageError, match=match):
+        run_cli("task=sft", *args, *FAST, output_dir=tmp_path)
