@@ -396,8 +396,8 @@ class Loop:
             return {}
         model.eval()
         outputs = self._gather_outputs(self.eval_loader, self._eval_step)
-        loss_sum = sum(x.astype("float64").sum() for x in outputs.pop("loss", []))
-        item_sum = sum(x.astype("float64").sum() for x in outputs.pop("num_items", []))
+        loss_sum = float(sum(x.astype("float64").sum() for x in outputs.pop("loss", [])))
+        item_sum = float(sum(x.astype("float64").sum() for x in outputs.pop("num_items", [])))
         metrics: dict[str, float] = {}
         if item_sum > 0:
             metrics["eval_loss"] = loss_sum / item_sum
