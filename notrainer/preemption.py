@@ -64,11 +64,16 @@ class StopSignal:
         if self.received is None:
             self.received, self._first_at = name, time.monotonic()
             # os.write, not print: a handler may interrupt a print on the same stream.
-            os.write(2, f"\nnotrainer: {name} received: finishing this step, writing a checkpoint, then exiting "
-                        f"with status {EXIT_PREEMPTED} (send it again to stop at once)\n".encode())
+            if _is_rank0():
+                os.write(2, f"\nnotrainer: {name} received: finishing this step, writing a checkpoint, then exiting "
+                            f"with status {EXIT_PREEMPTED} (send it again to stop at once)\n".encode())
             return
         if time.monotonic() - self._first_at < REPEAT_GRACE_S:
             return
         os.write(2, f"\nnotrainer: second {name}: stopping now; the last complete checkpoint is kept\n".encode())
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") in ("", "0")

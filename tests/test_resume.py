@@ -1,0 +1,198 @@
+"""Runs that die and come back: kill -9 and SIGTERM between checkpoints, then
+resume_from_checkpoint=auto. The resumed run must end with model weights bitwise equal to the
+uninterrupted run's (CPU, fp32, gradient accumulation 2, GPT-2 dropout 0.1 on), with the same
+all_results.json counters, on one process and on 2-process DDP."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, _free_port, read_results, run_cli
+
+# The task sleeps in each micro-batch (SLOW_STEP_SECONDS) so that a test can hit the run between
+# two checkpoints; the numbers are those of task=clm.
+SLOW_TASK = '''
+import os, time
+from tasks.clm import CLMTask
+
+class SlowCLM(CLMTask):
+    def loss(self, model, batch):
+        seconds = os.environ.get("SLOW_STEP_SECONDS", "0")
+        if os.path.isfile(os.environ.get("SLOW_STEP_FILE", "")):  # lets a test slow a running process down
+            seconds = open(os.environ["SLOW_STEP_FILE"]).read()
+        time.sleep(float(seconds))
+        return super().loss(model, batch)
+'''
+
+STEPS, EVERY = 12, 4
+ARGS = ["report_to=none", f"max_train_steps={STEPS}", f"checkpointing_steps={EVERY}", "gradient_accumulation_steps=2",
+        "per_device_train_batch_size=4", "logging_steps=3", "eval_steps=6"]
+COUNTERS = ("global_step", "epoch", "train_loss", "eval_loss", "eval_perplexity")
+
+
+@pytest.fixture(scope="module")
+def slow_task(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("task") / "slow_task.py"
+    path.write_text(SLOW_TASK)
+    return f"task={path}:SlowCLM"
+
+
+@pytest.fixture(scope="module")
+def reference(slow_task, tmp_path_factory) -> Path:
+    """The uninterrupted single-process run."""
+    out = tmp_path_factory.mktemp("reference")
+    with one_thread():
+        run_cli(slow_task, *ARGS, output_dir=out)
+    return out
+
+
+@contextlib.contextmanager
+def one_thread():
+    """In-process runs use one thread like the subprocesses (OMP_NUM_THREADS=1): the number of
+    threads changes the order of float sums, hence the last bits of the weights."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _start(args: list[str], num_processes: int, slow: float, **env_extra: str) -> subprocess.Popen:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "SLOW_STEP_SECONDS": str(slow), **env_extra}
+    if num_processes > 1:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), "-m", "notrainer.run", *args]
+    else:
+        cmd = [sys.executable, "-m", "notrainer.run", *args]
+    return subprocess.Popen(cmd, env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before {path} appeared\n{err[-3000:]}")
+        assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
+        time.sleep(0.02)
+
+
+def _kill9_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every process under it at once, as a node failure would
+    (torchrun starts each rank in a session of its own, so a process group is not enough)."""
+    import psutil  # a dependency of accelerate
+
+    root = psutil.Process(proc.pid)
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+def _steps(out: Path) -> list[int]:
+    root = out / "checkpoints"
+    return sorted(int(p.name.split("_")[1]) for p in root.iterdir() if p.name.startswith("step_")) if root.exists() else []
+
+
+def _kill9_between_checkpoints(args: list[str], out: Path, num_processes: int) -> None:
+    proc = _start(args, num_processes, slow=0.15)
+    _wait_for(out / "checkpoints" / f"step_{EVERY}" / "COMPLETE", proc)
+    time.sleep(0.5)  # a few micro-batches into the next checkpoint interval
+    _kill9_tree(proc)
+    proc.communicate()
+    assert _steps(out) == [EVERY], "the kill must land between two checkpoints"
+    assert not (out / "model.safetensors").exists()
+
+
+def _same_run(out: Path, ref: Path, exact_loss: bool = True) -> None:
+    assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    got, want = read_results(out), read_results(ref)
+    assert {k: got[k] for k in COUNTERS if k != "train_loss"} == {k: want[k] for k in COUNTERS if k != "train_loss"}
+    # A checkpoint closes the logging window; one taken off the schedule (a signal) sums the
+    # same step losses in another grouping, which may move the last float digits.
+    assert got["train_loss"] == (want["train_loss"] if exact_loss else pytest.approx(want["train_loss"], rel=1e-6))
+
+
+def test_kill9_then_auto_resume_is_bitwise_equal(slow_task, reference, tmp_path, capsys):
+    out = tmp_path / "run"
+    _kill9_between_checkpoints([slow_task, *ARGS, f"output_dir={out}"], out, num_processes=1)
+    with one_thread():
+        run_cli(slow_task, *ARGS, "resume_from_checkpoint=auto", output_dir=out)
+    assert f"resumed from {out / 'checkpoints' / f'step_{EVERY}'}" in capsys.readouterr().out
+    _same_run(out, reference)
+
+
+def test_kill9_then_auto_resume_is_bitwise_equal_ddp(slow_task, tmp_path):
+    ref = tmp_path / "ref"
+    proc = _start([slow_task, *ARGS, f"output_dir={ref}"], num_processes=2, slow=0)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    out = tmp_path / "run"
+    args = [slow_task, *ARGS, f"output_dir={out}"]
+    _kill9_between_checkpoints(args, out, num_processes=2)
+    resumed = _start([*args, "resume_from_checkpoint=auto"], num_processes=2, slow=0)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    _same_run(out, ref)
+
+
+def test_sigterm_checkpoints_and_exits_75_then_resume_finishes(slow_task, reference, tmp_path):
+    out = tmp_path / "run"
+    proc = _start([slow_task, *ARGS, f"output_dir={out}"], num_processes=1, slow=0.15)
+    _wait_for(out / "checkpoints" / f"step_{EVERY}" / "COMPLETE", proc)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr[-3000:]
+    assert "SIGTERM received" in stderr and "resume_from_checkpoint=auto continues" in stderr
+    assert "Traceback" not in stderr
+    stopped_at = _steps(out)[-1]
+    assert EVERY < stopped_at < STEPS
+    from notrainer.checkpoint import verify
+
+    assert verify(str(out / "checkpoints" / f"step_{stopped_at}")) is None
+    state = json.loads((out / "checkpoints" / f"step_{stopped_at}" / "loop_state.json").read_text())
+    assert state["global_step"] == stopped_at
+    assert not (out / "all_results.json").exists() and not (out / "model.safetensors").exists()
+
+    with one_thread():
+        results = run_cli(slow_task, *ARGS, "resume_from_checkpoint=auto", output_dir=out)
+    assert results["global_step"] == STEPS
+    _same_run(out, reference, exact_loss=False)
+
+
+def test_second_signal_stops_at_once_and_keeps_the_checkpoints(slow_task, tmp_path):
+    out, slow_file = tmp_path / "run", tmp_path / "slow"
+    proc = _start([slow_task, *ARGS, f"output_dir={out}"], num_processes=1, slow=0.05, SLOW_STEP_FILE=str(slow_file))
+    _wait_for(out / "checkpoints" / f"step_{EVERY}" / "COMPLETE", proc)
+    slow_file.write_text("30")  # from now on a micro-batch takes 30 s: the first signal cannot finish the step
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.5)  # past preemption.REPEAT_GRACE_S
+    assert proc.poll() is None
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 10
+    assert proc.returncode == -signal.SIGINT, stderr[-2000:]
+    assert "second SIGINT: stopping now" in stderr
+    from notrainer.checkpoint import list_checkpoints, verify
+
+    assert [Path(p).name for p in list_checkpoints(str(out))] == [f"step_{EVERY}"]
+    assert verify(str(out / "checkpoints" / f"step_{EVERY}")) is None
