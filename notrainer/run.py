@@ -74,6 +74,12 @@ def build(cfg, task_cls):
 
     acc = make_accelerator(cfg.output_dir, cfg.gradient_accumulation_steps, cfg.mixed_precision, cfg.report_to,
                            cfg.seed, cfg.torch_compile, cfg.torch_compile_mode)
+    # torchrun/accelerate started N processes but accelerate sees one (on CPU without
+    # ACCELERATE_USE_CPU=1): N independent runs would race on output_dir.
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != acc.num_processes:
+        raise UsageError(f"{launched} processes were launched but accelerate sees {acc.num_processes}; "
+                         "on CPU, launch with ACCELERATE_USE_CPU=1 (see docs/distributed.md)")
     set_seed(cfg.seed)
     task = task_cls(cfg)
 
