@@ -40,48 +40,72 @@ def default_chunk_rows(vocab_size: int) -> int:
     return max(128, CHUNK_ELEMENTS // max(vocab_size, 1))
 
 
+def _chunk(h, w, bias, t, inv_count, want_grads: bool):
+    """Loss sum and gradients of one chunk of rows: (sum of CE, dL/dh, dL/dW, dL/db), where L
+    is the mean over the whole batch (hence inv_count). h and w are in the compute dtype;
+    softmax and sums run in fp32 (or fp64 for fp64 inputs)."""
+    acc = torch.promote_types(h.dtype, torch.float32)
+    valid = t != IGNORE_INDEX
+    logits = (h @ w.t()).to(acc)
+    if bias is not None:
+        logits += bias.to(acc)
+    lse = torch.logsumexp(logits, dim=-1)
+    safe_t = torch.where(valid, t, 0).unsqueeze(1)
+    target_logit = logits.gather(1, safe_t).squeeze(1)
+    loss_sum = ((lse - target_logit) * valid).sum()
+    if not want_grads:
+        return loss_sum, None, None, None
+    # d(mean CE)/d(logits) = (softmax - onehot) / count on valid rows, 0 elsewhere.
+    g = logits.sub_(lse.unsqueeze(1)).exp_()  # in place: the chunk's logits are done
+    g.scatter_add_(1, safe_t, torch.full_like(target_logit, -1.0).unsqueeze(1))
+    g.mul_((valid.to(acc) * inv_count).unsqueeze(1))
+    grad_b = g.sum(0) if bias is not None else None
+    g = g.to(h.dtype)
+    return loss_sum, g @ w, g.t() @ h, grad_b
+
+
+_compiled = None
+COMPILE_BACKEND = "inductor"  # tests use "aot_eager": the same tracing, no C++/Triton build
+
+
+def _compiled_chunk():
+    """`_chunk` through torch.compile: the softmax, one-hot and scaling fuse into a couple of
+    kernels around the matmuls instead of six passes over a (chunk x vocab) fp32 tensor."""
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(_chunk, dynamic=False, backend=COMPILE_BACKEND)
+    return _compiled
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """mean over valid rows of cross_entropy(hidden @ weight.T + bias, targets), chunked."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_rows, compute_dtype):
-        n_rows = hidden.shape[0]
-        acc = torch.promote_types(compute_dtype, torch.float32)  # softmax and sums: fp32 at least
-        valid_all = targets != IGNORE_INDEX
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows, compute_dtype, compiled):
+        acc = torch.promote_types(compute_dtype, torch.float32)
         # Kept on the device: no host sync. An all-ignored batch gives loss 0, not NaN.
-        inv_count = 1.0 / valid_all.sum().clamp(min=1).to(acc)
-        want_h, want_w, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+        inv_count = 1.0 / (targets != IGNORE_INDEX).sum().clamp(min=1).to(acc)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_b = bias is not None and ctx.needs_input_grad[2]
+        want = want_h or want_w or want_b
         w = weight.to(compute_dtype)
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if want_b else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
-        for start in range(0, n_rows, chunk_rows):
-            end = min(start + chunk_rows, n_rows)
-            h = hidden[start:end].to(compute_dtype)
-            t = targets[start:end]
-            valid = valid_all[start:end]
-            logits = (h @ w.t()).to(acc)
-            if bias is not None:
-                logits += bias.to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
-            safe_t = torch.where(valid, t, 0).unsqueeze(1)
-            target_logit = logits.gather(1, safe_t).squeeze(1)
-            total += ((lse - target_logit) * valid).sum()
-            if not (want_h or want_w or want_b):
-                continue
-            # d(mean CE)/d(logits) = (softmax - onehot) / count on valid rows, 0 elsewhere.
-            g = logits.sub_(lse.unsqueeze(1)).exp_()  # in place: the chunk's logits are done
-            g.scatter_add_(1, safe_t, torch.full_like(target_logit, -1.0).unsqueeze(1))
-            g.mul_((valid.to(acc) * inv_count).unsqueeze(1))
-            if want_b:
-                grad_b += g.sum(0)
-            g = g.to(compute_dtype)
+        step = _compiled_chunk() if compiled else _chunk
+        for start in range(0, hidden.shape[0], chunk_rows):
+            end = min(start + chunk_rows, hidden.shape[0])
+            loss_sum, g_h, g_w, g_b = step(hidden[start:end].to(compute_dtype), w, bias, targets[start:end],
+                                           inv_count, want)
+            total += loss_sum
             if want_h:
-                grad_h[start:end] = (g @ w).to(hidden.dtype)
+                grad_h[start:end] = g_h
             if want_w:
-                grad_w += (g.t() @ h).to(acc)
-            del logits, g
+                grad_w += g_w
+            if want_b:
+                grad_b += g_b
+            del g_h, g_w, g_b
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -94,21 +118,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         out_h = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
         out_w = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
         out_b = (grad_b * scale).to(ctx.bias_dtype) if grad_b is not None else None
-        return out_h, out_w, out_b, None, None, None
+        return out_h, out_w, out_b, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          bias: torch.Tensor | None = None, chunk_rows: int | None = None,
-                         compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+                         compute_dtype: torch.dtype | None = None, compiled: bool = False) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T (+ bias)` against `targets` (IGNORE_INDEX
     skipped), computed chunk by chunk. `hidden` is (..., H), `targets` the matching (...).
     `compute_dtype` is the matmul dtype (bf16 under mixed precision); softmax and sums are fp32.
+    `compiled`: run each chunk through torch.compile (the CLM task does with torch_compile=true).
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1).to(hidden.device)
     chunk = chunk_rows or default_chunk_rows(weight.shape[0])
     dtype = compute_dtype or hidden.dtype
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, dtype)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, dtype, compiled)
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:

@@ -117,6 +117,11 @@ class CLMTask(Task):
             total = (len(joined["input_ids"]) // block) * block
             out = {k: [v[i:i + block] for i in range(0, total, block)] for k, v in joined.items()}
             out["labels"] = [ids[:] for ids in out["input_ids"]]
+            # Packed blocks have no padding, so their attention_mask is all ones. Without it the
+            # model takes SDPA's is_causal path: flash attention, also under torch.compile (a
+            # mask, even all ones, forces the slower masked kernel there), and no host-side
+            # "is the mask all ones?" check on every forward in eager mode.
+            out.pop("attention_mask", None)
             return out
 
         columns = {name: split.column_names for name, split in raw.items()}
@@ -125,7 +130,8 @@ class CLMTask(Task):
         import datasets
 
         grouped = datasets.DatasetDict({
-            name: split.map(group, desc=f"grouping {name} into blocks of {block}", **map_kwargs)
+            name: split.map(group, remove_columns=split.column_names, desc=f"grouping {name} into blocks of {block}",
+                            **map_kwargs)
             for name, split in tokenized.items()
         })
         if "train" in grouped:
@@ -166,7 +172,8 @@ class CLMTask(Task):
             hidden = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         return losses.linear_cross_entropy(hidden, self._head.weight, losses.shift_labels(batch["labels"]),
                                            bias=self._head.bias,
-                                           compute_dtype=losses.compute_dtype_for(self.cfg.mixed_precision))
+                                           compute_dtype=losses.compute_dtype_for(self.cfg.mixed_precision),
+                                           compiled=self.cfg.torch_compile)
 
     def num_items(self, batch):
         # The model shifts labels by one: the last position of each row predicts nothing.
