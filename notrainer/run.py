@@ -61,6 +61,21 @@ def check_output_dir(cfg) -> None:
             shutil.rmtree(checkpoint_root(out), ignore_errors=True)
 
 
+def check_distributed(acc) -> None:
+    """Launch set-ups that would fail late or silently, refused before anything is built."""
+    # torchrun/accelerate started N processes but accelerate sees one (on CPU without
+    # ACCELERATE_USE_CPU=1): N independent runs would race on output_dir.
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != acc.num_processes:
+        raise UsageError(f"{launched} processes were launched but accelerate sees {acc.num_processes}; "
+                         "on CPU, launch with ACCELERATE_USE_CPU=1 (see docs/distributed.md)")
+    # ZeRO-3 shards every weight: the final export can only gather them with this setting.
+    ds = getattr(acc.state, "deepspeed_plugin", None)
+    if ds is not None and ds.zero_stage == 3 and not ds.zero3_save_16bit_model:
+        raise UsageError("DeepSpeed ZeRO-3 without zero3_save_16bit_model (stage3_gather_16bit_weights_on_model_save) "
+                         "cannot export the final model; set it to true (see launch/deepspeed_zero3.yaml)")
+
+
 def build(cfg, task_cls):
     """Everything `fit` needs, built in order: returns (loop, task)."""
     import torch
@@ -74,12 +89,7 @@ def build(cfg, task_cls):
 
     acc = make_accelerator(cfg.output_dir, cfg.gradient_accumulation_steps, cfg.mixed_precision, cfg.report_to,
                            cfg.seed, cfg.torch_compile, cfg.torch_compile_mode)
-    # torchrun/accelerate started N processes but accelerate sees one (on CPU without
-    # ACCELERATE_USE_CPU=1): N independent runs would race on output_dir.
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != acc.num_processes:
-        raise UsageError(f"{launched} processes were launched but accelerate sees {acc.num_processes}; "
-                         "on CPU, launch with ACCELERATE_USE_CPU=1 (see docs/distributed.md)")
+    check_distributed(acc)
     set_seed(cfg.seed)
     task = task_cls(cfg)
 

@@ -129,3 +129,21 @@ def test_processes_that_do_not_see_each_other_are_refused(tmp_path, monkeypatch)
                                          "ACCELERATE_USE_CPU=1"):
         run_cli("task=sft", output_dir=tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("stage, gather16, refused", [(3, False, True), (3, True, False), (2, False, False)])
+def test_zero3_without_16bit_gather_is_refused_before_training(stage, gather16, refused, monkeypatch):
+    """DeepSpeed is not installed here, so the check runs on a stand-in for the accelerator."""
+    from types import SimpleNamespace
+
+    from notrainer.errors import UsageError
+    from notrainer.run import check_distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    plugin = SimpleNamespace(zero_stage=stage, zero3_save_16bit_model=gather16)
+    acc = SimpleNamespace(num_processes=1, state=SimpleNamespace(deepspeed_plugin=plugin))
+    if refused:
+        with pytest.raises(UsageError, match="zero3_save_16bit_model"):
+            check_distributed(acc)
+    else:
+        check_distributed(acc)
