@@ -4,7 +4,8 @@ One invocation trains the same randomly initialised model on the same random tok
 same per-device batch and sequence length, with each contender in turn:
 
     notrainer          Loop + the CLI's defaults (fused AdamW on CUDA; chunked loss on CUDA)
-    notrainer-fast     the recommended fast setting: + torch_compile=true (+ chunked_loss=true)
+    notrainer-fast     the recommended fast setting: + torch_compile=true, chunked_loss=true,
+                       max_nonfinite_steps=0 (no per-step host sync)
     trainer            transformers.Trainer with its defaults
     trainer-compile    transformers.Trainer with torch_compile=True
     accelerate         the plain loop of the HF run_clm_no_trainer.py script
@@ -122,7 +123,9 @@ def run_notrainer(args, ds, clock: StepClock, fast: bool) -> float:
     # What the CLI does with `task=clm mixed_precision=... [torch_compile=true chunked_loss=true]`.
     cfg = CLMConfig(output_dir=out, mixed_precision=args.precision, learning_rate=3e-4,
                     torch_compile=fast, torch_compile_mode=args.compile_mode if fast else None,
-                    chunked_loss=True if fast else None, report_to="none")
+                    chunked_loss=True if fast else None, report_to="none",
+                    # fast: no per-step host sync for the non-finite guard (the Trainer has none either)
+                    max_nonfinite_steps=0 if fast else CLMConfig.max_nonfinite_steps)
     acc = make_accelerator(out, 1, cfg.mixed_precision, "none", cfg.seed, cfg.torch_compile, cfg.torch_compile_mode)
     task = CLMTask(cfg)
     model = build_model(args)
@@ -134,7 +137,8 @@ def run_notrainer(args, ds, clock: StepClock, fast: bool) -> float:
     loop = Loop(model, build_optimizer(model, cfg, acc.device), loader, loss_fn=task.loss,
                 scheduler=scheduler_factory(cfg), max_train_steps=args.warmup + args.steps,
                 num_items_fn=task.num_items, num_tokens_fn=task.num_tokens, logging_steps=cfg.logging_steps,
-                max_grad_norm=cfg.max_grad_norm, output_dir=out, accelerator=acc, export=False, progress=False)
+                max_grad_norm=cfg.max_grad_norm, max_nonfinite_steps=cfg.max_nonfinite_steps, output_dir=out,
+                accelerator=acc, export=False, progress=False)
     train_step = loop.train_step
 
     def timed_step(window):

@@ -169,7 +169,8 @@ class CLMTask(Task):
         # The model runs through its wrappers (DDP, compile, autocast) and hands back its last
         # hidden state; the head's matmul and the cross-entropy then run chunk by chunk.
         with losses.hidden_states_from(self._head):
-            hidden = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            # use_cache=False: no KV cache object is built for a training forward
+            hidden = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
         return losses.linear_cross_entropy(hidden, self._head.weight, losses.shift_labels(batch["labels"]),
                                            bias=self._head.bias,
                                            compute_dtype=losses.compute_dtype_for(self.cfg.mixed_precision),
@@ -183,7 +184,7 @@ class CLMTask(Task):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         if self._head is not None:
             with losses.hidden_states_from(self._head):
-                hidden = model(**inputs).logits
+                hidden = model(**inputs, use_cache=False).logits
             return losses.token_losses(hidden, self._head.weight, losses.shift_labels(batch["labels"]),
                                        bias=self._head.bias,
                                        compute_dtype=losses.compute_dtype_for(self.cfg.mixed_precision))

@@ -99,3 +99,32 @@ def test_cli_fast_path_on_cpu_reports_sane_throughput(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out)
     expected = res["train_tokens_per_second"] * throughput.flops_per_token(model, 64) / 0.5e12
     assert res["train_mfu"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_loop_keeps_no_output_alive_into_the_next_step(tmp_path):
+    """A step's outputs (logits, activations) are gone before the next step's forward: a held
+    `outputs` doubles peak memory on a large-vocabulary model."""
+    import weakref
+
+    from torch.utils.data import DataLoader
+
+    from notrainer import Loop
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Linear(32, 4))
+    data = [(torch.randn(8), torch.tensor(i % 4)) for i in range(32)]
+    alive_at_next_forward = []
+    previous: list[weakref.ref] = []
+
+    def loss_fn(m, batch):
+        alive_at_next_forward.append(sum(r() is not None for r in previous))
+        previous.clear()
+        logits = m(batch[0])
+        loss = torch.nn.functional.cross_entropy(logits, batch[1])
+        previous.extend([weakref.ref(logits), weakref.ref(loss)])  # the loss tensor is all the loop gets
+        return loss
+
+    loop = Loop(model, torch.optim.AdamW(model.parameters()), DataLoader(data, batch_size=4), loss_fn=loss_fn,
+                gradient_accumulation_steps=2, max_train_steps=4, logging_steps=2, output_dir=str(tmp_path),
+                export=False, progress=False)
+    loop.fit()
+    assert len(alive_at_next_forward) == 8 and sum(alive_at_next_forward) == 0
