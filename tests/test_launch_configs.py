@@ -71,6 +71,8 @@ def test_deepspeed_recipes_give_the_promised_zero_config(name, stage, offload, g
     assert zero["stage"] == stage
     assert zero["offload_param"]["device"] == offload and zero["offload_optimizer"]["device"] == offload
     assert bool(zero.get("stage3_gather_16bit_weights_on_model_save")) is gather16
+    # What notrainer.run.check_distributed reads: the recipe is not refused.
+    assert plugin.zero_stage == stage and bool(plugin.zero3_save_16bit_model) is gather16
     assert plugin.gradient_accumulation_steps == "auto"  # filled in from notrainer's gradient_accumulation_steps
     if stage == 3:
         assert plugin.zero3_init_flag is True
