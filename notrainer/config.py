@@ -258,7 +258,7 @@ def parse_args(argv: list[str] | None = None):
 
     schema = OmegaConf.structured(config_cls)
     try:
-        merged = OmegaConf.merge(schema, file_cfg, OmegaConf.from_dotlist(pairs))
+        merged = OmegaConf.merge(schema, file_cfg, _dotlist(pairs, config_cls))
         merged.task = task_name
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
@@ -273,6 +273,18 @@ def parse_args(argv: list[str] | None = None):
                 setattr(cfg, name, value)
     cfg.validate()
     return cfg, task_cls
+
+
+def _dotlist(pairs: list[str], config_cls: type):
+    """key=value pairs as a config. Values are YAML, except that a text key keeps its text when
+    YAML would make a mapping or list of it (source_prefix="summarize: ")."""
+    text_keys = {f.name for f in dataclasses.fields(config_cls) if f.type in (str, Optional[str], "str", "Optional[str]")}
+    out = OmegaConf.from_dotlist(pairs)
+    for pair in pairs:
+        name, value = pair.split("=", 1)
+        if name in text_keys and not isinstance(out.get(name), (str, int, float, bool, type(None))):
+            out[name] = value
+    return out
 
 
 def _explain(e: OmegaConfBaseException, config_cls: type) -> str:

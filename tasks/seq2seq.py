@@ -83,7 +83,7 @@ class Seq2SeqTask(Task):
             validation=datasets.Dataset.from_dict({"source": [s for s, _ in val], "target": [t for _, t in val]}),
         )
 
-    def columns(self, ds) -> tuple[str, str]:
+    def columns(self, ds, split: str = "train") -> tuple[str, str]:
         """(source, target) column names, or ("translation", "translation") for translation records."""
         cfg, names = self.cfg, ds.column_names
         if cfg.source_column or cfg.target_column:
@@ -99,14 +99,14 @@ class Seq2SeqTask(Task):
                                      f"(they have {', '.join(sorted(langs))})")
             return "translation", "translation"
         for source, target in KNOWN_COLUMNS:
-            if source in names and target in names:
+            if source in names and (target in names or split == "test"):  # test data may lack targets
                 return source, target
         raise UsageError(f"cannot tell the source and target columns apart (columns: {', '.join(names)}); "
                          "set source_column=... and target_column=...")
 
     def texts(self, ds, split: str) -> tuple[list[str], list[str] | None]:
         """Source texts (with the prefix) and target texts (None for an unlabelled test split)."""
-        src_col, tgt_col = self.columns(ds)
+        src_col, tgt_col = self.columns(ds, split)
         if src_col == "translation":
             records = list(ds["translation"])
             sources = [r.get(self.cfg.source_lang) for r in records]

@@ -1,0 +1,145 @@
+"""task=seq2seq: the embedded default learns, generation eval is the same on 1 and 2 processes,
+translation records, prediction mode, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import cli_subprocess, read_results, run_cli
+from notrainer.errors import UsageError
+from tasks.seq2seq import toy_translation_pairs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny models on a shared 2-core machine: one thread avoids spinning against other work.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The embedded default (tiny T5, toy translation), trained briefly, exported."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    out = tmp_path_factory.mktemp("seq2seq") / "run"
+    results = run_cli("task=seq2seq", "max_train_steps=80", output_dir=out)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    return out, results
+
+
+def test_default_learns_and_beats_copying_the_source(trained):
+    out, results = trained
+    for k in ("eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_rougeLsum", "eval_bleu", "eval_chrf", "eval_gen_len",
+              "eval_loss"):
+        assert k in results and read_results(out)[k] == results[k]
+    # The trivial baseline: copy the source (the toy language shares no word with English).
+    from notrainer.metrics import load_metric
+
+    val = toy_translation_pairs(2200)[2000:]
+    copy_bleu = load_metric("sacrebleu").compute(predictions=[s for s, _ in val], references=[t for _, t in val])["score"]
+    assert copy_bleu < 5
+    assert results["eval_bleu"] > copy_bleu + 70
+    assert results["eval_rouge2"] > 70 and results["eval_chrf"] > 70
+    # targets have 5 to 10 words; gen_len counts generated tokens without padding
+    assert 5 <= results["eval_gen_len"] <= 14
+
+
+def test_export_is_a_seq2seq_model_with_generation_config(trained):
+    out, _ = trained
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
+
+    assert (out / "generation_config.json").is_file()
+    assert GenerationConfig.from_pretrained(out).decoder_start_token_id is not None
+    model, tok = AutoModelForSeq2SeqLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    ids = tok(["the red cat sees a big car"], return_tensors="pt")
+    text = tok.batch_decode(model.generate(**ids, max_new_tokens=16), skip_special_tokens=True)[0]
+    assert text.strip() == "le rosso gato vidas un grando auto"
+
+
+def test_two_process_generation_eval_matches_one_process(trained, tmp_path):
+    """The same model folder evaluated with do_train=false: 1 process in-process, 2 DDP processes.
+    97 validation rows with batch 8 leave an uneven last batch that must not count twice."""
+    model_dir, _ = trained
+    pairs = toy_translation_pairs(97, seed=5)
+    val = tmp_path / "val.jsonl"
+    val.write_text("\n".join(json.dumps({"source": s, "target": t}) for s, t in pairs))
+    common = ("task=seq2seq", "do_train=false", f"model_name_or_path={model_dir}", f"validation_file={val}",
+              "per_device_eval_batch_size=8", "max_target_length=32", "report_to=none")
+    one = run_cli(*common, output_dir=tmp_path / "one")
+    cli_subprocess(*common, f"output_dir={tmp_path / 'two'}", num_processes=2)
+    two = read_results(tmp_path / "two")
+    for k in ("eval_bleu", "eval_chrf", "eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_gen_len"):
+        assert two[k] == one[k], k
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
+    assert one["eval_bleu"] > 80
+
+
+def test_prediction_mode_writes_translations(trained, tmp_path):
+    model_dir, _ = trained
+    pairs = toy_translation_pairs(20, seed=9)
+    test = tmp_path / "test.jsonl"
+    test.write_text("\n".join(json.dumps({"source": s}) for s, _ in pairs))  # no targets needed
+    run_cli("task=seq2seq", "mode=predict", f"model_name_or_path={model_dir}", f"test_file={test}",
+            output_dir=tmp_path / "pred")
+    records = [json.loads(line) for line in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["source"] for r in records] == [s for s, _ in pairs]
+    correct = sum(r["prediction"] == t for r, (_, t) in zip(records, pairs))
+    assert correct >= 16
+
+
+def test_translation_records_and_loss_only_eval(tmp_path):
+    pairs = toy_translation_pairs(120, seed=3)
+    rows = [json.dumps({"translation": {"en": s, "toy": t}}) for s, t in pairs]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows[:100]))
+    (tmp_path / "val.jsonl").write_text("\n".join(rows[100:]))
+    files = (f"train_file={tmp_path / 'train.jsonl'}", f"validation_file={tmp_path / 'val.jsonl'}")
+    results = run_cli("task=seq2seq", *files, "source_lang=en", "target_lang=toy", "source_prefix=translate: ",
+                      "predict_with_generate=false", "max_train_steps=3", output_dir=tmp_path / "run")
+    assert "eval_loss" in results and "eval_bleu" not in results
+    with pytest.raises(UsageError, match="source_lang=... and target_lang"):
+        run_cli("task=seq2seq", *files, "max_train_steps=1", output_dir=tmp_path / "x")
+    with pytest.raises(UsageError, match="target_lang='ro': no such language"):
+        run_cli("task=seq2seq", *files, "source_lang=en", "target_lang=ro", output_dir=tmp_path / "y")
+
+
+def _write(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_bad_input_is_one_clear_line(tmp_path):
+    good = [{"document": "a b c", "summary": "b"}] * 10
+    train = _write(tmp_path / "t.jsonl", good)
+    with pytest.raises(UsageError, match="source_column='body': no such column"):
+        run_cli("task=seq2seq", f"train_file={train}", "source_column=body", "target_column=summary",
+                output_dir=tmp_path / "a")
+    with pytest.raises(UsageError, match="cannot tell the source and target columns apart"):
+        run_cli("task=seq2seq", f"train_file={_write(tmp_path / 'u.jsonl', [{'x': 'a', 'y': 'b'}] * 5)}",
+                output_dir=tmp_path / "b")
+    empty = _write(tmp_path / "e.jsonl", good[:5] + [{"document": "a b", "summary": " "}] + good[:5])
+    with pytest.raises(UsageError, match="train split has 1 empty target text"):
+        run_cli("task=seq2seq", f"train_file={empty}", output_dir=tmp_path / "c")
+
+    # a decoder-only model folder
+    from transformers import AutoModelForCausalLM
+
+    from notrainer.builtin import tiny_config, train_tokenizer
+
+    tok = train_tokenizer(["a b c"], style="gpt")
+    gpt = tmp_path / "gpt2"
+    AutoModelForCausalLM.from_config(tiny_config("gpt2", tok)).save_pretrained(gpt)
+    tok.save_pretrained(gpt)
+    with pytest.raises(UsageError, match="needs an encoder-decoder model.*gpt2"):
+        run_cli("task=seq2seq", f"train_file={train}", f"model_name_or_path={gpt}", output_dir=tmp_path / "d")
+    proc = cli_subprocess("task=seq2seq", f"train_file={train}", f"model_name_or_path={gpt}",
+                          f"output_dir={tmp_path / 'e'}", "report_to=none", check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("notrainer: error: task=seq2seq needs an encoder-decoder model")
+    assert "Traceback" not in proc.stderr
