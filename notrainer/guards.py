@@ -77,6 +77,8 @@ def skip_nonfinite_step(loop: "Loop") -> bool:
     if n >= limit:
         if loop._signals is not None:
             loop._signals.restore()
+        if getattr(loop, "_bar", None) is not None:
+            loop._bar.close()  # the message then gets a line of its own
         raise TrainingDiverged(
             f"training stopped at step {step}: {n} optimizer steps in a row had a non-finite loss or gradient norm "
             f"(max_nonfinite_steps={limit}); the last checkpoint is kept: lower learning_rate or check the data, "

@@ -235,7 +235,7 @@ class Loop:
         acc.print(f"training on {acc.num_processes} process(es) ({acc.distributed_type.value}): "
                   f"{self.max_train_steps} optimizer steps of {self.gradient_accumulation_steps} micro-batch(es)")
 
-        bar = tqdm(total=self.max_train_steps, initial=state.global_step, desc="train",
+        self._bar = bar = tqdm(total=self.max_train_steps, initial=state.global_step, desc="train",
                    disable=not (self.progress and acc.is_local_main_process), dynamic_ncols=True)
         self.model.train()
         start, start_step, start_tokens = time.perf_counter(), state.global_step, state.tokens_seen
@@ -284,7 +284,7 @@ class Loop:
             state.step_in_epoch = 0
             if self.eval_loader is not None and not self.eval_steps:
                 self.evaluate()
-            if self.checkpointing_steps == "epoch" or self._best_needs_checkpoint:
+            if self._checkpoint_due(epoch_end=True):
                 self.save_checkpoint()
 
         if self._stop == "preempted":
@@ -513,9 +513,14 @@ class Loop:
         self._timed_checkpoint_due = self._best_needs_checkpoint = False
         return ckpt.save(self)
 
-    def _checkpoint_due(self) -> bool:
+    def _checkpoint_due(self, epoch_end: bool = False) -> bool:
+        if self.state.nonfinite_in_a_row:
+            return False  # keep the last good checkpoint the newest while steps are being skipped
         every = self.checkpointing_steps
-        on_schedule = every not in (None, "epoch") and self.state.global_step % int(every) == 0
+        if epoch_end:
+            on_schedule = every == "epoch"
+        else:
+            on_schedule = every not in (None, "epoch") and self.state.global_step % int(every) == 0
         return on_schedule or self._timed_checkpoint_due or self._best_needs_checkpoint
 
     def _track_best(self, metrics: dict) -> None:
