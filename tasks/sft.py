@@ -55,6 +55,11 @@ class SFTConfig(TrainConfig):
     packing: bool = key(False, "pack each micro-batch into one row without padding; attention stays inside each example")
 
 
+    def validate(self) -> None:
+        super().validate()
+        check(self.max_seq_length is None or self.max_seq_length >= 2, "max_seq_length must be >= 2")
+
+
 class SFTTask(CLMTask):
     name = "sft"
     Config = SFTConfig
@@ -97,7 +102,6 @@ class SFTTask(CLMTask):
         cfg = self.cfg
         limit = self.max_positions(model)
         if cfg.max_seq_length is not None:
-            check(cfg.max_seq_length >= 2, "max_seq_length must be >= 2")
             check(limit is None or cfg.max_seq_length <= limit,
                   f"max_seq_length={cfg.max_seq_length} is larger than the model's {limit} positions; "
                   f"use max_seq_length<={limit}")

@@ -21,7 +21,7 @@ FAST = ("max_eval_samples=16", "logging_steps=1000")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("custom") / "run"
-    results = run_cli("task=clm", f"model_class={REPO / SPEC}", "max_train_steps=30", *FAST, output_dir=out)
+    results = run_cli("task=clm", f"model_class={REPO / SPEC}", "max_train_steps=20", *FAST, output_dir=out)
     return out, results
 
 
@@ -49,7 +49,7 @@ def test_custom_model_trains_saves_and_reloads(trained):
     with torch.no_grad():
         a, b = direct(input_ids=ids, labels=ids), auto(input_ids=ids, labels=ids)
     assert torch.equal(a.logits, b.logits)
-    assert a.loss.item() < 0.6 * math.log(vocab)  # the trained weights came back, not a fresh init
+    assert a.loss.item() < 0.75 * math.log(vocab)  # the trained weights came back (a fresh init: ~ln(vocab))
 
 
 def test_reload_in_a_fresh_process_with_trust_remote_code(trained):
