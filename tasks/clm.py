@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Optional
 
+from notrainer import losses
 from notrainer.config import TrainConfig, key
 from notrainer.data import require_columns
-from notrainer import losses
 from notrainer.errors import UsageError, check
 
 from .base import Task, require_pad_token, safe_exp, token_losses
@@ -195,8 +195,6 @@ class CLMTask(Task):
         return {"perplexity": safe_exp(eval_loss)}
 
 
-# ---------------------------------------------------------------------- built-in corpus
-
 def _sharded_reason() -> str | None:
     """The chunked loss reads lm_head.weight outside the model's forward, which FSDP and
     DeepSpeed ZeRO-3 only hold as shards there."""
@@ -213,6 +211,8 @@ def _sharded_reason() -> str | None:
         return "DeepSpeed ZeRO-3 shards lm_head.weight outside the forward pass"
     return None
 
+
+# ---------------------------------------------------------------------- built-in corpus
 
 _NOUNS = "cat dog bird fox horse mouse farmer teacher child river garden house ship king queen robot".split()
 _ADJS = "small big red green quick lazy old young happy quiet bright dark".split()

@@ -203,3 +203,19 @@ def test_cli_chunked_loss_trains_like_the_default_loss(tmp_path):
     assert abs(chunked["eval_loss"] - plain["eval_loss"]) < 1e-4
     # and it learned something: below the loss of a uniform guess over the ~1000-token vocabulary
     assert chunked["eval_loss"] < 0.9 * torch.log(torch.tensor(1000.0)).item()
+
+
+def test_sharded_setups_turn_auto_off_and_refuse_true(monkeypatch):
+    """Under FSDP / ZeRO-3 (lm_head.weight is a shard outside the forward) auto keeps the plain
+    loss even on CUDA, and chunked_loss=true is a usage error naming the reason."""
+    import tasks.clm as clm
+
+    monkeypatch.setattr(clm, "_sharded_reason", lambda: "FSDP shards lm_head.weight outside the forward pass")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model = _tiny_model("llama")
+    assert clm.CLMTask(clm.CLMConfig(chunked_loss=None)).chunked_loss_head(model) is None
+    with pytest.raises(UsageError, match="chunked_loss=true: FSDP shards lm_head.weight"):
+        clm.CLMTask(clm.CLMConfig(chunked_loss=True)).chunked_loss_head(model)
+    monkeypatch.setattr(clm, "_sharded_reason", lambda: None)
+    head = clm.CLMTask(clm.CLMConfig(chunked_loss=None)).chunked_loss_head(model)  # auto on "CUDA"
+    assert isinstance(head, losses.HiddenStatesHead) and head is model.get_output_embeddings()
