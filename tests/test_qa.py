@@ -1,0 +1,169 @@
+"""task=qa: the embedded default learns to locate answers, SQuAD files as published, long
+contexts in several windows, v2 metrics and threshold, prediction mode, pipeline, bad input."""
+
+import json
+from collections import defaultdict
+
+import pytest
+import torch
+
+from conftest import read_results, run_cli
+from notrainer.errors import UsageError
+from tasks.qa import builtin_qa
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The embedded default (tiny BERT, generated facts and questions), trained, exported."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    out = tmp_path_factory.mktemp("qa") / "run"
+    results = run_cli("task=qa", "max_train_steps=240", output_dir=out)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    return out, results
+
+
+def first_fact_baseline(records) -> float:
+    """Exact match of always answering with the first fact's value."""
+    from notrainer.metrics import load_metric
+
+    preds = []
+    for r in records:
+        first = r["context"].split(" . ")[0]
+        preds.append({"id": r["id"], "prediction_text": first.split(" is ", 1)[1]})
+    return load_metric("squad").compute(predictions=preds, references=[{"id": r["id"], "answers": r["answers"]}
+                                                                      for r in records])["exact_match"]
+
+
+def test_default_learns_to_locate_answers(trained):
+    out, results = trained
+    baseline = first_fact_baseline(builtin_qa(200, seed=1))
+    assert 20 < baseline < 45  # three facts per context
+    assert results["eval_exact_match"] > baseline + 35
+    assert results["eval_f1"] >= results["eval_exact_match"] > 70
+    assert read_results(out)["eval_f1"] == results["eval_f1"]
+    preds = [json.loads(line) for line in (out / "eval_predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 200 and preds[0]["id"] == "q1-0"
+
+
+def test_export_is_a_question_answering_model(trained):
+    out, _ = trained
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+    from transformers.pipelines import SUPPORTED_TASKS
+
+    question = "what is the owner of the lamp ?"
+    context = "the color of the boat is red . the owner of the lamp is emma . the city of the car is rome ."
+    model, tok = AutoModelForQuestionAnswering.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    enc = tok(question, context, return_tensors="pt", return_offsets_mapping=True)
+    offsets = enc.pop("offset_mapping")[0]
+    with torch.no_grad():
+        logits = model(**enc)
+    start, end = int(logits.start_logits.argmax()), int(logits.end_logits.argmax())
+    assert context[int(offsets[start][0]):int(offsets[end][1])] == "emma"
+    if "question-answering" in SUPPORTED_TASKS:  # transformers 5.x removed this pipeline
+        from transformers import pipeline
+
+        qa = pipeline("question-answering", model=str(out), tokenizer=str(out), device="cpu")
+        assert qa(question=question, context=context)["answer"].strip() == "emma"
+
+
+def squad_nested(records) -> dict:
+    """SQuAD v1/v2 json as published: data / paragraphs (one per context) / qas."""
+    by_context = defaultdict(list)
+    for r in records:
+        by_context[r["context"]].append(r)
+    paragraphs = [{"context": c, "qas": [{"id": r["id"], "question": r["question"], "is_impossible": not r["answers"]["text"],
+                                         "answers": [{"text": t, "answer_start": s} for t, s in
+                                                     zip(r["answers"]["text"], r["answers"]["answer_start"])]}
+                                        for r in rs]} for c, rs in by_context.items()]
+    return {"version": "v2.0", "data": [{"title": "generated", "paragraphs": paragraphs}]}
+
+
+def test_squad_json_as_published_with_contexts_split_in_windows(trained, tmp_path):
+    """Evaluate the trained folder on a nested SQuAD file with windows of 32 tokens (as in
+    training): every context needs 2+ windows, and answers are picked over all of them."""
+    model_dir, _ = trained
+    records = builtin_qa(60, seed=7)
+    val = tmp_path / "dev.json"
+    val.write_text(json.dumps(squad_nested(records)))
+    from tasks.qa import QAConfig, QATask
+
+    results = run_cli("task=qa", "do_train=false", f"model_name_or_path={model_dir}", f"validation_file={val}",
+                      "max_seq_length=32", "doc_stride=12", output_dir=tmp_path / "windows")
+    assert results["eval_exact_match"] >= 65, results
+    # the same split with a check on how many windows there were
+    task = QATask(QAConfig(task="qa", max_seq_length=32, doc_stride=12))
+    from transformers import AutoTokenizer
+
+    import datasets
+
+    task.prepare_datasets(datasets.DatasetDict(validation=datasets.Dataset.from_list(records)),
+                          AutoTokenizer.from_pretrained(model_dir))
+    windows = defaultdict(int)
+    for f in task._features["validation"]:
+        windows[f.example_index] += 1
+    assert min(windows.values()) >= 2
+
+
+def test_v2_metrics_and_null_threshold(trained, tmp_path):
+    """v2 data on the v1-trained model: HasAns/NoAns split; a very negative threshold makes
+    every answer empty (NoAns all right, HasAns all wrong)."""
+    model_dir, _ = trained
+    records = builtin_qa(60, version_2=True, seed=11)
+    assert any(not r["answers"]["text"] for r in records)
+    val = tmp_path / "dev.jsonl"
+    val.write_text("\n".join(json.dumps(r) for r in records))
+    common = ("task=qa", "do_train=false", f"model_name_or_path={model_dir}", f"validation_file={val}",
+              "version_2_with_negative=true", "max_seq_length=32", "doc_stride=12")
+    results = run_cli(*common, output_dir=tmp_path / "v2")
+    for k in ("eval_exact_match", "eval_f1", "eval_HasAns_f1", "eval_NoAns_f1"):
+        assert k in results
+    assert results["eval_HasAns_f1"] > 70
+    empty = run_cli(*common, "null_score_diff_threshold=-1e9", output_dir=tmp_path / "v2empty")
+    assert empty["eval_NoAns_f1"] == 100.0 and empty["eval_HasAns_f1"] == 0.0
+
+
+def test_prediction_mode_writes_answers(trained, tmp_path):
+    model_dir, _ = trained
+    records = builtin_qa(30, seed=13)
+    test = tmp_path / "test.jsonl"
+    test.write_text("\n".join(json.dumps({k: r[k] for k in ("id", "context", "question")}) for r in records))
+    run_cli("task=qa", "mode=predict", f"model_name_or_path={model_dir}", f"test_file={test}", "max_seq_length=32", "doc_stride=12",
+            output_dir=tmp_path / "pred")
+    preds = [json.loads(line) for line in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["id"] for p in preds] == [r["id"] for r in records]
+    correct = sum(p["prediction_text"] == r["answers"]["text"][0] for p, r in zip(preds, records))
+    assert correct >= 20
+
+
+def test_bad_input_is_one_clear_line(tmp_path):
+    records = builtin_qa(20, seed=3)
+
+    def write(name, rows):
+        path = tmp_path / name
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+        return str(path)
+
+    moved = [dict(r) for r in records]
+    moved[4] = {**moved[4], "answers": {"text": moved[4]["answers"]["text"], "answer_start": [3]}}
+    with pytest.raises(UsageError, match=r"question q3-4: answer .* does not occur at answer_start=3"):
+        run_cli("task=qa", f"train_file={write('moved.jsonl', moved)}", output_dir=tmp_path / "a")
+    no_answer = [dict(r) for r in records]
+    no_answer[2] = {**no_answer[2], "answers": {"text": [], "answer_start": []}}
+    with pytest.raises(UsageError, match="has no answer; set version_2_with_negative=true"):
+        run_cli("task=qa", f"train_file={write('v2.jsonl', no_answer)}", output_dir=tmp_path / "b")
+    with pytest.raises(UsageError, match="question_column='query': no such column"):
+        run_cli("task=qa", f"train_file={write('ok.jsonl', records)}", "question_column=query", output_dir=tmp_path / "c")
+    with pytest.raises(UsageError, match=r"max_seq_length=12 leaves .* beside the longest question"):
+        run_cli("task=qa", f"train_file={write('ok.jsonl', records)}", "max_seq_length=12", "doc_stride=4",
+                output_dir=tmp_path / "d")
