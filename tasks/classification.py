@@ -394,16 +394,17 @@ TOPICS = {
 _FILLERS = "yesterday my friend talked about the and a for while with our today then it was very really quite".split()
 
 
-def builtin_topic_sentences(n: int, seed: int = 0) -> list[dict]:
-    """Sentences whose topic (the label) is the one with two words in them; half the sentences
-    also carry one word of another topic, so a single word does not decide the label."""
+def builtin_topic_sentences(n: int, seed: int = 0, distractor_prob: float = 0.5) -> list[dict]:
+    """Sentences whose topic (the label) is the one with two words in them; some sentences
+    (half by default) also carry one word of another topic, so a single word does not decide
+    the label."""
     rng = random.Random(seed)
     names = list(TOPICS)
     rows = []
     for _ in range(n):
         label = rng.choice(names)
         words = rng.sample(TOPICS[label], 2)
-        if rng.random() < 0.5:
+        if rng.random() < distractor_prob:
             words.append(rng.choice(TOPICS[rng.choice([t for t in names if t != label])]))
         words += rng.sample(_FILLERS, rng.randint(3, 7))
         rng.shuffle(words)

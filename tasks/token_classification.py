@@ -108,8 +108,8 @@ class TokenClassificationTask(Task):
                 continue
             for i, (w, t) in enumerate(zip(split[self.words_col], split[self.tags_col])):
                 check(w is not None and t is not None and len(w) == len(t),
-                      f"{split_name} example {i} has {len(w or [])} words but {len(t or [])} tags; "
-                      "every word needs exactly one tag")
+                      f"{split_name} example {i} ({' '.join(map(str, (w or [])[:6]))}{' ...' if len(w or []) > 6 else ''}) "
+                      f"has {len(w or [])} words but {len(t or [])} tags; every word needs exactly one tag")
         if "train" not in raw:
             return self._labels_from_model()
         feature = raw["train"].features[self.tags_col]
