@@ -66,6 +66,18 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(run8, tmp_path, ca
     assert ckpt.verify(str(out / "checkpoints" / "step_8")) is None  # rewritten whole by the resumed run
 
 
+def test_checkpoint_that_fails_to_load_falls_back_to_the_previous(run8, tmp_path, capsys):
+    out = _copy(run8, tmp_path / "run")
+    optimizer = out / "checkpoints" / "step_8" / "optimizer.bin"
+    optimizer.write_bytes(b"\x07" * optimizer.stat().st_size)  # same size: only loading it tells
+    results = run_cli(*TINY, "max_train_steps=9", "do_eval=false", "resume_from_checkpoint=auto", output_dir=out)
+    printed = capsys.readouterr().out
+    assert f"checkpoint {out / 'checkpoints' / 'step_8'} could not be loaded (" in printed
+    assert f"falling back to {out / 'checkpoints' / 'step_4'}" in printed
+    assert f"resumed from {out / 'checkpoints' / 'step_4'} (step 4" in printed
+    assert results["global_step"] == 9
+
+
 @pytest.mark.parametrize("damage, reason", [
     ("delete optimizer.bin", "optimizer.bin is missing"),
     ("scramble random_states_0.pkl", "cannot be read"),  # same size: only parsing it tells
