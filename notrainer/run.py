@@ -92,6 +92,8 @@ def build(cfg, task_cls):
     check_distributed(acc)
     set_seed(cfg.seed)
     task = task_cls(cfg)
+    if cfg.do_predict and not task.has_prediction_mode():  # say so before training, not after
+        raise UsageError(f"task={task.name} has no prediction mode (do_predict=true); it writes no predictions.jsonl")
 
     # Data files are read (and cached) by the main process first; the others reuse its cache.
     with acc.main_process_first():

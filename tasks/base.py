@@ -168,6 +168,10 @@ class Task:
             raise UsageError(f"task={self.name} has no prediction mode")
         return {k: v for k, v in out.items() if k not in ("loss", "num_items")}
 
+    def has_prediction_mode(self) -> bool:
+        """True when the task formats predictions (do_predict=true)."""
+        return type(self).format_predictions is not Task.format_predictions
+
     def format_predictions(self, outputs: dict[str, list], dataset) -> list[dict]:
         """Turn gathered predict_step outputs into one JSON record per example of `dataset`
         (the tokenized test split, in order): labels, tags, generated text, answers."""

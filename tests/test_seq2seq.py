@@ -62,15 +62,19 @@ def test_export_is_a_seq2seq_model_with_generation_config(trained):
     assert text.strip() == "le rosso gato vidas un grando auto"
 
 
-def test_two_process_generation_eval_matches_one_process(trained, tmp_path):
+def test_two_process_generation_eval_and_prediction_match_one_process(trained, tmp_path):
     """The same model folder evaluated with do_train=false: 1 process in-process, 2 DDP processes.
     97 validation rows with batch 8 leave an uneven last batch that must not count twice."""
     model_dir, _ = trained
     pairs = toy_translation_pairs(97, seed=5)
     val = tmp_path / "val.jsonl"
     val.write_text("\n".join(json.dumps({"source": s, "target": t}) for s, t in pairs))
+    # prediction mode in the same runs: 13 rows without targets, also uneven over 2 ranks
+    test = tmp_path / "test.jsonl"
+    test.write_text("\n".join(json.dumps({"source": s}) for s, _ in toy_translation_pairs(13, seed=6)))
     common = ("task=seq2seq", "do_train=false", f"model_name_or_path={model_dir}", f"validation_file={val}",
-              "per_device_eval_batch_size=8", "max_target_length=32", "report_to=none")
+              "do_predict=true", f"test_file={test}", "per_device_eval_batch_size=8", "max_target_length=32",
+              "report_to=none")
     one = run_cli(*common, output_dir=tmp_path / "one")
     cli_subprocess(*common, f"output_dir={tmp_path / 'two'}", num_processes=2)
     two = read_results(tmp_path / "two")
@@ -78,6 +82,9 @@ def test_two_process_generation_eval_matches_one_process(trained, tmp_path):
         assert two[k] == one[k], k
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
     assert one["eval_bleu"] > 80
+    predictions = (tmp_path / "one" / "predictions.jsonl").read_text()
+    assert len(predictions.splitlines()) == 13
+    assert (tmp_path / "two" / "predictions.jsonl").read_text() == predictions  # same rows, same order
 
 
 def test_prediction_mode_writes_translations(trained, tmp_path):
