@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -196,3 +197,22 @@ def test_second_signal_stops_at_once_and_keeps_the_checkpoints(slow_task, tmp_pa
 
     assert [Path(p).name for p in list_checkpoints(str(out))] == [f"step_{EVERY}"]
     assert verify(str(out / "checkpoints" / f"step_{EVERY}")) is None
+
+
+def test_resume_from_a_step_checkpoint_on_the_last_window_of_an_epoch(tmp_path, capsys):
+    """The checkpoint at step 30 is taken after the last micro-batch of epoch 0 but before the
+    epoch-end bookkeeping: resume must skip the whole epoch, close it, and go on into epoch 1."""
+    args = ["task=clm", "report_to=none", "gradient_accumulation_steps=2", "per_device_train_batch_size=4",
+            "max_train_steps=32", "checkpointing_steps=30", "logging_steps=7"]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    with one_thread():
+        run_cli(*args, output_dir=ref)
+        state = json.loads((ref / "checkpoints" / "step_30" / "loop_state.json").read_text())
+        assert state["epoch"] == 0 and state["step_in_epoch"] > 0  # 30 steps = epoch 0 exactly
+        (out / "checkpoints").mkdir(parents=True)
+        shutil.copytree(ref / "checkpoints" / "step_30", out / "checkpoints" / "step_30")
+        capsys.readouterr()
+        run_cli(*args, "resume_from_checkpoint=auto", output_dir=out)
+    assert "(step 30, epoch 0)" in capsys.readouterr().out
+    assert read_results(ref)["epoch"] > 1.0
+    _same_run(out, ref)
