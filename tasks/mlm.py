@@ -141,8 +141,11 @@ class MLMTask(Task):
     def masking_collator(self, tokenizer):
         from transformers import DataCollatorForLanguageModeling
 
+        wwm = self.cfg.whole_word_masking
+        # whole-word masking always puts [MASK] (no random or kept tokens): say so, not warn
+        replace = dict(mask_replace_prob=1.0, random_replace_prob=0.0) if wwm else {}
         return DataCollatorForLanguageModeling(tokenizer, mlm_probability=self.cfg.mlm_probability,
-                                               whole_word_mask=self.cfg.whole_word_masking)
+                                               whole_word_mask=wwm, **replace)
 
     def mask_once(self, split, tokenizer):
         """Mask the validation set now, row by row with a generator seeded by (seed, row):
@@ -173,7 +176,15 @@ class MLMTask(Task):
         pad_collate = DataCollatorForTokenClassification(tokenizer)
 
         def collate(features):
-            return pad_collate(features) if "labels" in features[0] else train_collate(features)
+            if "labels" in features[0]:
+                return pad_collate(features)
+            if "offset_mapping" in features[0]:
+                # Whole-word masking reads word boundaries from the offsets; tokenizer.pad does
+                # not pad them, so pad them here ((0, 0): no word) to the batch's length.
+                longest = max(len(f["input_ids"]) for f in features)
+                features = [{**f, "offset_mapping": [list(o) for o in f["offset_mapping"]]
+                             + [[0, 0]] * (longest - len(f["input_ids"]))} for f in features]
+            return train_collate(features)
 
         return collate
 
