@@ -110,8 +110,7 @@ class Seq2SeqTask(Task):
         if src_col == "translation":
             records = list(ds["translation"])
             sources = [r.get(self.cfg.source_lang) for r in records]
-            targets = [r.get(self.cfg.target_lang) for r in records] if split != "test" or all(
-                r.get(self.cfg.target_lang) is not None for r in records) else None
+            targets = [r.get(self.cfg.target_lang) for r in records]
         else:
             require_columns(ds, {"source_column": src_col})
             if split != "test":
@@ -119,6 +118,8 @@ class Seq2SeqTask(Task):
             sources = list(ds[src_col])
             targets = list(ds[tgt_col]) if tgt_col in ds.column_names else None
         _check_texts(sources, f"the {split} split", "source")
+        if split == "test" and targets is not None and not all(t and str(t).strip() for t in targets):
+            targets = None  # prediction needs no targets (a test file loaded beside labelled ones has empty ones)
         if targets is not None:
             _check_texts(targets, f"the {split} split", "target")
         return [self.cfg.source_prefix + s for s in sources], targets
