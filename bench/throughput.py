@@ -81,19 +81,25 @@ class StepClock:
 
     def __init__(self, warmup: int, steps: int):
         self.warmup, self.steps, self.t0, self.t1, self.done = warmup, steps, None, None, 0
+        self.c0 = self.c1 = None
 
     def step_end(self) -> None:
         self.done += 1
         if self.done == self.warmup:
             sync()
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
         elif self.done == self.warmup + self.steps:
             sync()
-            self.t1 = time.perf_counter()
+            self.t1, self.c1 = time.perf_counter(), time.process_time()
 
     @property
     def seconds(self) -> float:
         return self.t1 - self.t0
+
+    @property
+    def cpu_seconds(self) -> float:
+        """Process CPU time (all threads): on a shared CPU, the work itself, not the waiting."""
+        return self.c1 - self.c0
 
 
 def reset_accelerate() -> None:
@@ -218,7 +224,7 @@ def run_one(name: str, args, ds) -> dict:
         return {"name": name, "error": "out of memory"}
     tokens = args.steps * args.batch * args.seq
     row = {"name": name, "tokens_per_second": tokens / clock.seconds, "train_loss": loss,
-           "step_ms": clock.seconds / args.steps * 1e3}
+           "step_ms": clock.seconds / args.steps * 1e3, "cpu_step_ms": clock.cpu_seconds / args.steps * 1e3}
     if torch.cuda.is_available():
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return row
@@ -259,6 +265,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
     p.add_argument("--peak-tflops", type=float, help="peak for MFU (default: from the GPU's name)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on a CPU, where the table also gives "
+                                                "process CPU time: robust to other load on the machine)")
     p.add_argument("--keep-mask", action="store_true",
                    help="give notrainer the all-ones attention_mask too (task=clm drops it from packed blocks)")
     p.add_argument("--profile", action="store_true", help="also profile notrainer-fast and print the top ops")
@@ -267,6 +275,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     gpu = torch.cuda.is_available()
+    if args.threads or not gpu:
+        torch.set_num_threads(args.threads or 1)
     _, _, seq, batch = MODELS[args.model]
     args.seq, args.batch = args.seq or seq, args.batch or batch
     args.steps = args.steps or (50 if gpu else 10)
@@ -303,16 +313,27 @@ def main(argv=None) -> int:
         row["wall_s"] = time.perf_counter() - t0
         rows.append(row)
         print(f"  {name}: " + (row["error"] if "error" in row else
-                               f"{row['tokens_per_second']:,.0f} tok/s, loss {row['train_loss']:.3f}"), flush=True)
+                               f"{row['tokens_per_second']:,.0f} tok/s, {row['step_ms']:.1f} ms/step "
+                               f"(process CPU {row['cpu_step_ms']:.1f} ms/step), loss {row['train_loss']:.3f}"),
+              flush=True)
 
     base = {r["name"]: r["tokens_per_second"] for r in rows if "tokens_per_second" in r}
     mem = {r["name"]: r.get("peak_memory_gib") for r in rows}
-    header = f"| {'contender':<16} | {'tokens/s':>10} | {'ms/step':>8} | {'MFU':>6} | {'peak GiB':>8} | " \
+    # On a CPU, rates and ratios come from process CPU time (1 thread: the work itself, not the
+    # waiting for a shared machine); on a GPU from synchronised wall time.
+    if not gpu:
+        for r in rows:
+            if "cpu_step_ms" in r:
+                r["wall_tokens_per_second"] = r["tokens_per_second"]
+                r["tokens_per_second"] = args.batch * args.seq / (r["cpu_step_ms"] / 1e3)
+        base = {r["name"]: r["tokens_per_second"] for r in rows if "tokens_per_second" in r}
+    clock = "wall" if gpu else "cpu"
+    header = f"| {'contender':<16} | {'tokens/s':>10} | {clock + ' ms/step':>12} | {'MFU':>6} | {'peak GiB':>8} | " \
              f"{'vs trainer':>10} | {'vs trainer-compile':>18} | {'mem vs trainer-compile':>22} |"
     print("\n" + header + "\n|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['name']:<16} | {r['error']:>10} | {'':>8} | {'':>6} | {'':>8} | {'':>10} | {'':>18} | {'':>22} |")
+            print(f"| {r['name']:<16} | {r['error']:>10} | {'':>12} | {'':>6} | {'':>8} | {'':>10} | {'':>18} | {'':>22} |")
             continue
         tps = r["tokens_per_second"]
         r["mfu"] = throughput.mfu(tps, fpt, peak) if peak else None
@@ -321,7 +342,8 @@ def main(argv=None) -> int:
                      if r.get("peak_memory_gib") and mem.get("trainer-compile") else None)
         r.update(vs_trainer=vs["trainer"], vs_trainer_compile=vs["trainer-compile"], mem_vs_trainer_compile=mem_ratio)
         f = lambda x, fmt: format(x, fmt) if x is not None and not (isinstance(x, float) and math.isnan(x)) else "-"  # noqa: E731
-        print(f"| {r['name']:<16} | {tps:>10,.0f} | {r['step_ms']:>8.1f} | {f(r['mfu'], '.1%'):>6} | "
+        step_ms = r["step_ms"] if gpu else r["cpu_step_ms"]
+        print(f"| {r['name']:<16} | {tps:>10,.0f} | {step_ms:>12.1f} | {f(r['mfu'], '.1%'):>6} | "
               f"{f(r.get('peak_memory_gib'), '.1f'):>8} | {f(vs['trainer'], '.2f'):>10} | "
               f"{f(vs['trainer-compile'], '.2f'):>18} | {f(mem_ratio, '.2f'):>22} |")
     if args.json:
