@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli_subprocess, read_results, run_cli
+from conftest import read_results, run_cli
 from notrainer import checkpoint as ckpt
 from notrainer.errors import UsageError
 
@@ -243,12 +243,14 @@ def test_cli_exit_status_on_nonfinite_losses(tmp_path, capsys):
 # ---------------------------------------------------------------------- bad resume input
 
 
-def test_resume_missing_folder_exits_2_with_one_line(tmp_path):
+def test_resume_missing_folder_exits_2_with_one_line(tmp_path, capsys):
+    from notrainer.run import main
+
     missing = tmp_path / "nope"
-    proc = cli_subprocess(*TINY, f"resume_from_checkpoint={missing}", f"output_dir={tmp_path / 'run'}",
-                          "report_to=none", check=False)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"notrainer: error: resume_from_checkpoint={missing}: no such folder"]
+    code = main([*TINY, f"resume_from_checkpoint={missing}", f"output_dir={tmp_path / 'run'}", "report_to=none"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"notrainer: error: resume_from_checkpoint={missing}: no such folder"]
     assert not (tmp_path / "run").exists()
 
 
