@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from .errors import UsageError, check
 
 #: task's Auto class -> peft task type (decides which head stays trainable and saved)

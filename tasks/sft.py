@@ -26,8 +26,7 @@ from typing import Optional
 
 import torch
 
-from notrainer.config import key
-from notrainer.config import TrainConfig
+from notrainer.config import TrainConfig, key
 from notrainer.data import require_columns
 from notrainer.errors import UsageError, check
 
@@ -53,7 +52,6 @@ class SFTConfig(TrainConfig):
     chat_template: Optional[str] = key(None, "Jinja chat template (a file or the template itself) instead of the tokenizer's")
     max_seq_length: Optional[int] = key(None, "truncate examples to this many tokens (default: min(1024, the model's positions))")
     packing: bool = key(False, "pack each micro-batch into one row without padding; attention stays inside each example")
-
 
     def validate(self) -> None:
         super().validate()
