@@ -167,3 +167,22 @@ def test_bad_input_is_one_clear_line(tmp_path):
     with pytest.raises(UsageError, match=r"max_seq_length=12 leaves .* beside the longest question"):
         run_cli("task=qa", f"train_file={write('ok.jsonl', records)}", "max_seq_length=12", "doc_stride=4",
                 output_dir=tmp_path / "d")
+
+
+def test_the_three_file_layouts_read_the_same(tmp_path):
+    from tasks.qa import load_qa_file
+
+    records = builtin_qa(6, version_2=True, seed=2)
+    nested = tmp_path / "nested.json"
+    nested.write_text(json.dumps(squad_nested(records)))
+    flat_under_data = tmp_path / "flat.json"
+    flat_under_data.write_text(json.dumps({"version": 2.0, "data": records}))
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text("\n".join(json.dumps(r) for r in records))
+    for path in (nested, flat_under_data, lines):
+        ds = load_qa_file(str(path), "validation")
+        got = sorted((r["id"], r["question"], r["context"], tuple(r["answers"]["text"]),
+                      tuple(r["answers"]["answer_start"])) for r in ds)
+        want = sorted((r["id"], r["question"], r["context"], tuple(r["answers"]["text"]),
+                       tuple(r["answers"]["answer_start"])) for r in records)
+        assert got == want, path.name
