@@ -119,6 +119,7 @@ def save(loop: "Loop") -> str:
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     acc.wait_for_everyone()
     acc.save_state(tmp)
+    loop._data_rng.save(tmp, acc.process_index)
     acc.wait_for_everyone()  # every rank has written its part
     if acc.is_main_process:
         write_json(os.path.join(tmp, STATE_FILE), snapshot)
@@ -349,6 +350,7 @@ def load(loop: "Loop", path_or_auto: str) -> None:
             raise UsageError(f"resume_from_checkpoint: {path} could not be loaded ({error or 'on another rank'})")
         acc.print(f"checkpoint {path} could not be loaded ({error or 'on another rank'}); "
                   f"falling back to {candidates[i + 1]}")
+    loop._data_rng.load(path, acc.process_index)
     with open(os.path.join(path, STATE_FILE)) as f:
         saved = json.load(f)
     known = {f.name for f in dataclasses.fields(LoopState)}
@@ -375,6 +377,54 @@ def seed_loader(loader, seed: int | None, epoch: int) -> None:
     if base.generator is None:
         base.generator = torch.Generator()
     base.generator.manual_seed((seed or 0) * 1_000_003 + epoch)
+
+
+class DataRNG:
+    """The CPU RNG stream the data pipeline draws from, apart from the one the model draws from.
+
+    A collator that draws random numbers (MLM masking) runs inside `next(iterator)`, and
+    accelerate's loader collates one batch ahead: when a checkpoint is taken after batch k, the
+    masks of batch k+1 are already drawn. So each `next` runs on this stream (swapped in and out
+    of torch's global CPU RNG), and a checkpoint saves the stream as it was *before* the last
+    `next`: the resumed run, whose first `next` collates batch k+1 again, draws the same masks.
+    Worker processes (dataloader_num_workers>0) collate with their own RNGs instead."""
+
+    FILE = "data_rng_{}.safetensors"
+
+    def __init__(self, seed: int | None, rank: int):
+        import torch
+
+        g = torch.Generator()
+        g.manual_seed(((seed or 0) * 1_000_003 + 7_919 * rank + 17) % 2**63)
+        self.state = self.before_last = g.get_state()
+
+    def iterate(self, iterator):
+        import torch
+
+        while True:
+            self.before_last = self.state
+            model_state = torch.get_rng_state()
+            torch.set_rng_state(self.state)
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                self.state = torch.get_rng_state()
+                torch.set_rng_state(model_state)
+            yield batch
+
+    def save(self, folder: str, rank: int) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"cpu": self.before_last}, os.path.join(folder, self.FILE.format(rank)))
+
+    def load(self, folder: str, rank: int) -> None:
+        from safetensors.torch import load_file
+
+        file = os.path.join(folder, self.FILE.format(rank))
+        if os.path.isfile(file):
+            self.state = self.before_last = load_file(file)["cpu"]
 
 
 # ---------------------------------------------------------------------- the best model

@@ -223,6 +223,7 @@ class Loop:
         self._signals: preemption.StopSignal | None = None
         self._last_checkpoint_time = time.monotonic()
         self._timed_checkpoint_due = self._best_needs_checkpoint = False
+        self._data_rng = ckpt.DataRNG(seed, acc.process_index)
 
     # ------------------------------------------------------------------ the loop
 
@@ -255,7 +256,8 @@ class Loop:
             loader = self.train_loader
             if state.step_in_epoch:
                 loader = acc.skip_first_batches(self.train_loader, state.step_in_epoch)
-            batches = iter(loader)
+            # Collators draw (e.g. MLM masks) from a CPU RNG stream of their own, saved in checkpoints.
+            batches = self._data_rng.iterate(iter(loader))
 
             while state.global_step < self.max_train_steps:
                 window = _take(batches, self.gradient_accumulation_steps)

@@ -216,3 +216,38 @@ def test_resume_from_a_step_checkpoint_on_the_last_window_of_an_epoch(tmp_path, 
     assert "(step 30, epoch 0)" in capsys.readouterr().out
     assert read_results(ref)["epoch"] > 1.0
     _same_run(out, ref)
+
+
+RANDOM_COLLATOR_TASK = '''
+import torch
+from transformers import default_data_collator
+from tasks.clm import CLMTask
+
+class MaskingCLM(CLMTask):
+    """Draws from the global torch RNG while collating, like MLM masking does."""
+    def collator(self, tokenizer):
+        def collate(examples):
+            batch = default_data_collator(examples)
+            drop = torch.rand(batch["labels"].shape) < 0.3
+            batch["labels"] = batch["labels"].masked_fill(drop, -100)
+            return batch
+        return collate
+'''
+
+
+def test_resume_mid_epoch_with_a_collator_that_draws_random_numbers(tmp_path):
+    """accelerate collates one batch ahead, so at a checkpoint the next batch's random draws are
+    already made; the loop's data RNG stream (checkpoint.DataRNG) makes the resumed run draw
+    them again identically."""
+    task = tmp_path / "masking_task.py"
+    task.write_text(RANDOM_COLLATOR_TASK)
+    args = [f"task={task}:MaskingCLM", *ARGS[:1], "max_train_steps=8", "checkpointing_steps=3",
+            "gradient_accumulation_steps=2", "per_device_train_batch_size=4", "do_eval=false"]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    with one_thread():
+        run_cli(*args, output_dir=ref)
+        (out / "checkpoints").mkdir(parents=True)
+        shutil.copytree(ref / "checkpoints" / "step_3", out / "checkpoints" / "step_3")
+        run_cli(*args, "resume_from_checkpoint=auto", output_dir=out)
+    assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    assert read_results(out)["train_loss"] == read_results(ref)["train_loss"]
