@@ -105,7 +105,7 @@ class CLMTask(Task):
                 texts = [t + eos for t in batch[col] if t and t.strip()]
                 return tokenizer(texts, truncation=True, max_length=block)
 
-            tokenized = raw.map(tokenize, remove_columns=raw["train"].column_names if "train" in raw else None,
+            tokenized = raw.map(tokenize, remove_columns=next(iter(raw.values())).column_names,
                                 desc="tokenizing", **map_kwargs)
             return tokenized
 
@@ -193,6 +193,19 @@ class CLMTask(Task):
 
     def compute_metrics(self, outputs, eval_loss):
         return {"perplexity": safe_exp(eval_loss)}
+
+    # prediction mode: the loss of each example (a block, or a line with line_by_line=true)
+    def predict_step(self, model, batch):
+        out = self.eval_step(model, batch)
+        return {"loss_sum": out["loss"], "tokens": out["num_items"]}
+
+    def format_predictions(self, outputs, dataset):
+        records = []
+        for sums, counts in zip(outputs["loss_sum"], outputs["tokens"]):
+            for s, n in zip(sums.tolist(), counts.tolist()):
+                loss = s / n if n else float("nan")
+                records.append({"tokens": int(n), "loss": round(loss, 6), "perplexity": round(safe_exp(loss), 4)})
+        return records
 
 
 def _sharded_reason() -> str | None:

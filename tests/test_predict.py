@@ -35,9 +35,42 @@ def test_mode_shorthand_sets_the_run_flags():
         parse_args(["task=clm", "do_predict=true", "test_file=/nonexistent.jsonl"])
 
 
-def test_a_task_without_prediction_mode_says_so(tmp_path):
+def test_clm_predicts_the_loss_of_each_line(tmp_path):
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from notrainer.builtin import tiny_config, train_tokenizer
+
+    lines = ["the cat sees the dog .", "a bird and a fox are quiet today .", "we count one two three ."]
+    tok = train_tokenizer(lines * 5, style="gpt")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("gpt2", tok)).eval()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    test = tmp_path / "test.txt"
+    test.write_text("\n".join(lines))
+    run_cli("task=clm", "mode=predict", f"model_name_or_path={tmp_path / 'm'}", f"test_file={test}",
+            "line_by_line=true", "per_device_eval_batch_size=2", output_dir=tmp_path / "pred")
+    import json
+
+    records = [json.loads(x) for x in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 3
+    for line, record in zip(lines, records):  # the same loss as the model computes on the line alone
+        ids = tok(line + tok.eos_token, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            expected = model(ids, labels=ids).loss.item()
+        assert record["tokens"] == ids.shape[1] - 1
+        assert record["loss"] == pytest.approx(expected, abs=1e-5)
+        assert record["perplexity"] == pytest.approx(math.exp(expected), rel=1e-4)
+
+
+def test_a_task_without_prediction_mode_is_refused_before_training(tmp_path):
+    task_file = tmp_path / "my_task.py"
+    task_file.write_text("from tasks.clm import CLMTask\nfrom tasks.base import Task\n\n"
+                         "class NoPredict(CLMTask):\n    format_predictions = Task.format_predictions\n")
     test = tmp_path / "test.txt"
     test.write_text("the cat sees the dog .\n" * 50)
     # refused when the run starts, before any data is tokenized or any training step is taken
-    with pytest.raises(UsageError, match="task=clm has no prediction mode"):
-        run_cli("task=clm", "do_predict=true", f"test_file={test}", output_dir=tmp_path / "out")
+    with pytest.raises(UsageError, match="has no prediction mode"):
+        run_cli(f"task={task_file}:NoPredict", "do_predict=true", f"test_file={test}", output_dir=tmp_path / "out")

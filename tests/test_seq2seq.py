@@ -62,6 +62,7 @@ def test_export_is_a_seq2seq_model_with_generation_config(trained):
     assert text.strip() == "le rosso gato vidas un grando auto"
 
 
+@pytest.mark.slow
 def test_two_process_generation_eval_and_prediction_match_one_process(trained, tmp_path):
     """The same model folder evaluated with do_train=false: 1 process in-process, 2 DDP processes.
     97 validation rows with batch 8 leave an uneven last batch that must not count twice."""
