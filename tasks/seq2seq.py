@@ -68,7 +68,7 @@ class Seq2SeqTask(Task):
         check(cfg.num_beams >= 1, "num_beams must be >= 1")
         check(cfg.generation_max_length is None or cfg.generation_max_length >= 1, "generation_max_length must be >= 1")
         self._model = self._tokenizer = None
-        self._sources: dict[str, list[str]] = {}  # raw source texts per split, for prediction records
+        self._sources: dict[str, list[str]] = {}  # the test split's source texts, for prediction records
         self._metrics = None
 
     # ------------------------------------------------------------------ data
@@ -147,7 +147,8 @@ class Seq2SeqTask(Task):
         out = {}
         for split, ds in raw.items():
             sources, targets = self.texts(ds, split)
-            self._sources[split] = sources
+            if split == "test":  # kept for the prediction records
+                self._sources[split] = sources
             enc = tokenizer(sources, max_length=cfg.max_source_length, truncation=True)
             columns = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
             if targets is not None:
