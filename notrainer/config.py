@@ -175,6 +175,9 @@ class TrainConfig:
                   "do_predict=true needs test_file=... (the data to predict on)")
             if self.test_file is not None:
                 check(os.path.exists(self.test_file), f"test_file={self.test_file}: no such file")
+            # Without training and without a model there is nothing trained to predict with.
+            check(self.do_train or self.model_name_or_path is not None,
+                  "do_predict=true without training needs model_name_or_path=... (a trained run's output_dir)")
 
     @property
     def checkpoint_every_epoch(self) -> bool:

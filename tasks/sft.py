@@ -52,6 +52,7 @@ class SFTConfig(TrainConfig):
     chat_template: Optional[str] = key(None, "Jinja chat template (a file or the template itself) instead of the tokenizer's")
     max_seq_length: Optional[int] = key(None, "truncate examples to this many tokens (default: min(1024, the model's positions))")
     packing: bool = key(False, "pack each micro-batch into one row without padding; attention stays inside each example")
+    max_new_tokens: int = key(128, "do_predict: most tokens generated per response (greedy)")
 
     def validate(self) -> None:
         super().validate()
@@ -85,11 +86,11 @@ class SFTTask(CLMTask):
             return texts + [f"{r}:" for r in sorted(roles)] * 20
         return list(ds[self.cfg.prompt_column]) + list(ds[self.cfg.response_column])
 
-    def data_format(self, ds) -> str:
+    def data_format(self, ds, need_response: bool = True) -> str:
         cfg = self.cfg
         if cfg.messages_column in ds.column_names:
             return "chat"
-        if cfg.prompt_column in ds.column_names and cfg.response_column in ds.column_names:
+        if cfg.prompt_column in ds.column_names and (cfg.response_column in ds.column_names or not need_response):
             return "prompt_response"
         raise UsageError(f"task=sft needs a {cfg.messages_column!r} column (chats) or {cfg.prompt_column!r} and "
                          f"{cfg.response_column!r} columns; the data has {', '.join(ds.column_names)} "
@@ -121,8 +122,10 @@ class SFTTask(CLMTask):
 
     def prepare_datasets(self, raw, tokenizer):
         cfg, max_len = self.cfg, self._max_len
-        fmt = self.data_format(raw["train"] if "train" in raw else next(iter(raw.values())))
-        for split in raw.values():
+        labelled = {name: split for name, split in raw.items() if name != "test"}
+        fmt = self.data_format(labelled["train"] if "train" in labelled else next(iter(labelled.values())), True) \
+            if labelled else self.data_format(raw["test"], need_response=False)
+        for split in labelled.values():
             if fmt == "chat":
                 require_columns(split, {"messages_column": cfg.messages_column})
             else:
@@ -149,8 +152,10 @@ class SFTTask(CLMTask):
         out = datasets.DatasetDict({
             name: split.map(encode, batched=True, remove_columns=split.column_names, num_proc=cfg.preprocessing_num_workers,
                             load_from_cache_file=not cfg.overwrite_cache, desc=f"tokenizing {name}")
-            for name, split in raw.items()
+            for name, split in labelled.items()
         })
+        if "test" in raw:
+            out["test"] = self.prepare_prompts(raw["test"], tokenizer, fmt)
         if "train" in out:
             check(len(out["train"]) > 0, f"no training example has a response within max_seq_length={max_len} tokens")
         return out
@@ -194,6 +199,61 @@ class SFTTask(CLMTask):
 
     def compute_metrics(self, outputs, eval_loss):
         return {"perplexity": safe_exp(eval_loss)}
+
+    # ------------------------------------------------------------------ prediction mode (do_predict)
+
+    def prepare_prompts(self, ds, tokenizer, fmt: str):
+        """The test split as prompts to answer: a chat up to its last assistant turn (dropped
+        if present) plus the generation prompt, or the prompt column."""
+        cfg = self.cfg
+        if fmt == "chat":
+            require_columns(ds, {"messages_column": cfg.messages_column})
+        else:
+            require_columns(ds, {"prompt_column": cfg.prompt_column})
+        prompts = []
+        for i in range(len(ds)):
+            if fmt == "chat":
+                messages = ds[i][cfg.messages_column]
+                if messages and messages[-1].get("role") == "assistant":
+                    messages = messages[:-1]
+                render_chat(tokenizer, messages)  # validates the records
+                prompts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+            else:
+                prompts.append(ds[i][cfg.prompt_column])
+        self._prompts, self._tokenizer = prompts, tokenizer
+        enc = tokenizer(prompts, add_special_tokens=fmt != "chat", truncation=True,
+                        max_length=max(1, self._max_len - cfg.max_new_tokens))
+        import datasets
+
+        return datasets.Dataset.from_dict({"input_ids": enc["input_ids"]})
+
+    def predict_step(self, model, batch):
+        """Greedy answers to a batch of prompts, left-padded here whatever the collator did."""
+        tok = self._tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        rows = _unpad_rows(batch)
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long, device=rows[0].device)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+        from .clm import _sharded_reason
+
+        generated = getattr(model, "module", model).generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
+            pad_token_id=pad, eos_token_id=tok.eos_token_id, synced_gpus=_sharded_reason() is not None)
+        return {"generated": generated[:, width:]}
+
+    def format_predictions(self, outputs, dataset):
+        tok = self._tokenizer
+        texts = []
+        for rows in outputs.get("generated", []):
+            for row in rows:
+                row = [int(t) for t in row if t >= 0]  # -100: padding added across processes
+                if tok.eos_token_id in row:
+                    row = row[:row.index(tok.eos_token_id)]
+                texts.append(tok.decode(row, skip_special_tokens=True).strip())
+        return [{"prompt": p, "prediction": t} for p, t in zip(self._prompts, texts)]
 
 
 # ---------------------------------------------------------------------- rendering and masking
@@ -241,6 +301,16 @@ def tokenize_with_labels(tokenizer, text: str, spans, max_len: int, add_special_
         inside = end > start and any(start < s_end and end > s_start for s_start, s_end in spans)
         labels.append(tok if inside else -100)
     return enc["input_ids"], labels
+
+
+def _unpad_rows(batch) -> list[torch.Tensor]:
+    """The examples of a collated batch as 1-D token tensors: split a packed row where the
+    position ids restart, or cut each padded row to its attention mask."""
+    ids = batch["input_ids"]
+    if "attention_mask" in batch:
+        return [row[m.bool()] for row, m in zip(ids, batch["attention_mask"])]
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [ids.shape[1]]
+    return [ids[0, a:b] for a, b in zip(starts, starts[1:])]
 
 
 def packing_is_isolated(model) -> bool:

@@ -121,7 +121,7 @@ def test_packing_cli_eval_matches_padding(tmp_path):
     assert abs(packed["eval_loss"] - padded["eval_loss"]) < 1e-5
 
 
-def test_embedded_default_learns(tmp_path):
+def test_embedded_default_learns_and_answers(tmp_path):
     before = run_cli("task=sft", "do_train=false", "max_eval_samples=64", output_dir=tmp_path / "before")
     after = run_cli("task=sft", "max_train_steps=20", "max_eval_samples=64", "packing=true",
                     output_dir=tmp_path / "after")
@@ -134,6 +134,35 @@ def test_embedded_default_learns(tmp_path):
     tok = AutoTokenizer.from_pretrained(tmp_path / "after")
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                    add_generation_prompt=True) == "user: hi</s>assistant:"
+    _check_predictions(tmp_path, tmp_path / "after", tok)
+
+
+def _check_predictions(tmp_path, model_dir, tok):
+    """mode=predict answers test prompts; batched (left-padded here) and packed batches give
+    exactly what generating for each prompt alone gives."""
+    from transformers import AutoModelForCausalLM
+
+    questions = ["what is 3 plus 4 ?", "what is the capital of peru ?", "reverse the words : apple river stone",
+                 "what is 9 plus 9 ?", "what is 0 plus 5 ?"]
+    test = tmp_path / "test.jsonl"
+    test.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": q}]}) for q in questions))
+    common = ("task=sft", "mode=predict", f"model_name_or_path={model_dir}", f"test_file={test}", "max_new_tokens=12")
+    run_cli(*common, "per_device_eval_batch_size=4", output_dir=tmp_path / "pred")
+    run_cli(*common, "per_device_eval_batch_size=2", "packing=true", output_dir=tmp_path / "pred_packed")
+    records = [json.loads(line) for line in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
+    packed = [json.loads(line) for line in (tmp_path / "pred_packed" / "predictions.jsonl").read_text().splitlines()]
+    assert records == packed
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    for q, record in zip(questions, records, strict=True):
+        prompt = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        assert record["prompt"] == prompt
+        ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        alone = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+        if tok.eos_token_id in alone:
+            alone = alone[:alone.index(tok.eos_token_id)]
+        assert record["prediction"] == tok.decode(alone, skip_special_tokens=True).strip()
+    assert len(records) == len(questions) and any(r["prediction"] for r in records)
 
 
 def test_prompt_response_file(tmp_path):
@@ -160,6 +189,13 @@ def test_builtin_instructions_are_deterministic():
 def test_bad_input(tmp_path, args, match):
     with pytest.raises(UsageError, match=match):
         run_cli("task=sft", *args, *FAST, output_dir=tmp_path)
+
+
+def test_predict_needs_a_trained_model(tmp_path):
+    test = tmp_path / "test.jsonl"
+    test.write_text(json.dumps({"prompt": "what is 1 plus 1 ?"}) + "\n")
+    with pytest.raises(UsageError, match="without training needs model_name_or_path"):
+        run_cli("task=sft", "mode=predict", f"test_file={test}", output_dir=tmp_path / "run")
 
 
 def test_bad_chat_records(tmp_path):
