@@ -237,7 +237,7 @@ class Loop:
                   f"{self.max_train_steps} optimizer steps of {self.gradient_accumulation_steps} micro-batch(es)")
 
         self._bar = bar = tqdm(total=self.max_train_steps, initial=state.global_step, desc="train",
-                   disable=not (self.progress and acc.is_local_main_process), dynamic_ncols=True)
+                               disable=not (self.progress and acc.is_local_main_process), dynamic_ncols=True)
         self.model.train()
         start, start_step, start_tokens = time.perf_counter(), state.global_step, state.tokens_seen
         self._log_reset()
@@ -373,9 +373,10 @@ class Loop:
         self._timed_checkpoint_due = flags.checkpoint_due
         if flags.stop_signal:
             self._stop = "preempted"
-        if flags.nonfinite and guards.skip_nonfinite_step(self):
+        if not flags.nonfinite:
+            self.state.nonfinite_in_a_row = 0
+        elif guards.skip_nonfinite_step(self):  # counts it; raises after max_nonfinite_steps in a row
             return
-        self.state.nonfinite_in_a_row = 0 if not flags.nonfinite else self.state.nonfinite_in_a_row
         self.optimizer.step()
         if self.scheduler is not None and not acc.optimizer_step_was_skipped:
             self.scheduler.step()
