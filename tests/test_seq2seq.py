@@ -121,7 +121,7 @@ def _write(path, rows):
     return path
 
 
-def test_bad_input_is_one_clear_line(tmp_path):
+def test_bad_input_is_one_clear_line(tmp_path, capsys):
     good = [{"document": "a b c", "summary": "b"}] * 10
     train = _write(tmp_path / "t.jsonl", good)
     with pytest.raises(UsageError, match="source_column='body': no such column"):
@@ -145,9 +145,12 @@ def test_bad_input_is_one_clear_line(tmp_path):
     tok.save_pretrained(gpt)
     with pytest.raises(UsageError, match="needs an encoder-decoder model.*gpt2"):
         run_cli("task=seq2seq", f"train_file={train}", f"model_name_or_path={gpt}", output_dir=tmp_path / "d")
-    proc = cli_subprocess("task=seq2seq", f"train_file={train}", f"model_name_or_path={gpt}",
-                          f"output_dir={tmp_path / 'e'}", "report_to=none", check=False)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("notrainer: error: task=seq2seq needs an encoder-decoder model")
-    assert "Traceback" not in proc.stderr
+    # through the CLI entry point: exit status 2 and one line on stderr, no traceback
+    from notrainer.run import main
+
+    status = main(["task=seq2seq", f"train_file={train}", f"model_name_or_path={gpt}", f"output_dir={tmp_path / 'e'}",
+                   "report_to=none"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert err[-1].startswith("notrainer: error: task=seq2seq needs an encoder-decoder model")
+    assert not any("Traceback" in line for line in err)
