@@ -134,9 +134,13 @@ class QATask(Task):
 
         cfg = self.cfg
         self._require(ds, split)
+        ids = [str(i) for i in ds["id"]] if "id" in ds.column_names else [str(i) for i in range(len(ds))]
+        for column in (cfg.question_column, cfg.context_column):
+            empty = [i for i, text in enumerate(ds[column]) if not isinstance(text, str) or not text.strip()]
+            check(not empty, f"the {split} split has {len(empty)} empty {column!r} value(s) "
+                             f"(first: id {ids[empty[0]] if empty else ''}); remove or fill them")
         questions = [q.lstrip() for q in ds[cfg.question_column]]  # leading spaces waste window room
         contexts = list(ds[cfg.context_column])
-        ids = list(ds["id"]) if "id" in ds.column_names else [str(i) for i in range(len(ds))]
         answers = [normalise_answers(a) for a in ds[cfg.answer_column]] if cfg.answer_column in ds.column_names \
             else [None] * len(ds)
         for i, (context, ans) in enumerate(zip(contexts, answers)):

@@ -162,6 +162,11 @@ def test_bad_input_is_one_clear_line(tmp_path):
     no_answer[2] = {**no_answer[2], "answers": {"text": [], "answer_start": []}}
     with pytest.raises(UsageError, match="has no answer; set version_2_with_negative=true"):
         run_cli("task=qa", f"train_file={write('v2.jsonl', no_answer)}", output_dir=tmp_path / "b")
+    blank = [dict(r) for r in records]
+    blank[1] = {**blank[1], "question": "  "}
+    with pytest.raises(UsageError, match="train split has 1 empty 'question' value"):
+        run_cli("task=qa", f"train_file={write('blank.jsonl', blank)}", "validation_split_percentage=0",
+                "do_eval=false", output_dir=tmp_path / "q")
     with pytest.raises(UsageError, match="question_column='query': no such column"):
         run_cli("task=qa", f"train_file={write('ok.jsonl', records)}", "question_column=query", output_dir=tmp_path / "c")
     with pytest.raises(UsageError, match=r"max_seq_length=12 leaves .* beside the longest question"):
