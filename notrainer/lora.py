@@ -42,6 +42,14 @@ def default_target_modules(model) -> list[str] | str:
 def apply_lora(model, cfg, task=None):
     """`model` wrapped with LoRA adapters when `cfg.lora.r > 0`; else `model` unchanged."""
     lc = cfg.lora
+    if getattr(model, "_hf_peft_config_loaded", False):
+        # model_name_or_path was an adapter folder: transformers loaded base + adapter, frozen.
+        check(not lc.r, "model_name_or_path is a LoRA adapter folder: continue training that adapter without "
+                        "lora.r, or start a new one from its merged/ folder")
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.requires_grad_(True)
+        return model
     if not lc.r:
         return model
     try:

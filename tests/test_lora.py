@@ -80,6 +80,19 @@ def test_merged_folder_loads_without_peft_and_matches_base_plus_adapter(lora_run
             assert torch.equal(p, base_sd[name.replace(".base_layer.", ".")]), name
 
 
+def test_an_adapter_folder_as_model_continues_training_that_adapter(lora_run, tmp_path):
+    out, _ = lora_run
+    res = run_cli("task=sft", f"model_name_or_path={out}", "learning_rate=1e-2", "max_train_steps=2", *FAST,
+                  output_dir=tmp_path / "more")
+    assert res["global_step"] == 2
+    before = load_file(out / "adapter_model.safetensors")
+    after = load_file(tmp_path / "more" / "adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(UsageError, match="is a LoRA adapter folder"):
+        run_cli("task=sft", f"model_name_or_path={out}", "lora.r=4", *FAST, output_dir=tmp_path / "new")
+
+
 def test_lora_from_scratch_is_self_contained_and_resumes(tmp_path):
     """The embedded default (random base): the base weights are exported beside the adapter, and
     a run resumed from its checkpoint ends with the same adapter as the uninterrupted run."""
