@@ -7,6 +7,8 @@ loop, bare, ...) so that background load hits both alike; each repeat times a fu
 
     python bench/overhead.py                      # CPU, 1 thread, 7 repeats of 60 steps
     python bench/overhead.py --profile            # also: where the loop spends its host time
+    python bench/overhead.py --layers 0 --embd 16 --vocab 64 --batch 1 --seq 8 --steps 300
+                                                  # almost no model: the per-step overhead in us
 
 The bare loop does what a careful hand-written loop does: forward, backward, clip, step,
 zero_grad, and a `.item()` of the loss every `--logging-steps` steps (the loop logs as often).
@@ -26,11 +28,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 
-def tiny_model(vocab: int, seq: int, seed: int = 0):
+def tiny_model(vocab: int, seq: int, seed: int = 0, layers: int = 2, embd: int = 128):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab, n_positions=seq, n_embd=128, n_layer=2, n_head=4,
+    config = GPT2Config(vocab_size=vocab, n_positions=seq, n_embd=embd, n_layer=layers, n_head=4,
                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
     return GPT2LMHeadModel(config)
 
@@ -45,7 +47,7 @@ def make_parts(args, seed: int = 0):
     from torch.utils.data import DataLoader
     from transformers import default_data_collator
 
-    model = tiny_model(args.vocab, args.seq, seed)
+    model = tiny_model(args.vocab, args.seq, seed, args.layers, args.embd)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=torch.cuda.is_available() or None)
     data = token_data(args.steps * args.batch, args.vocab, args.seq)
     loader = DataLoader(data, batch_size=args.batch, shuffle=False, collate_fn=default_data_collator,
@@ -124,6 +126,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--vocab", type=int, default=1000)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--embd", type=int, default=128)
     p.add_argument("--logging-steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least disturbed by other load)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of both after timing")
@@ -148,7 +152,8 @@ def main(argv=None) -> int:
             w, c = time_run(contender)
             wall[name].append(w / args.steps)
             cpu[name].append(c / args.steps)
-    print(f"device={acc.device} threads={args.threads} model=tiny gpt2 (2x128) batch={args.batch} seq={args.seq} "
+    print(f"device={acc.device} threads={args.threads} model=gpt2 {args.layers}x{args.embd} vocab={args.vocab} "
+          f"batch={args.batch} seq={args.seq} "
           f"steps={args.steps} repeats={args.repeats}")
     # On a CPU shared with other work, wall time mostly measures the neighbours; the process's
     # CPU time is what the loop itself costs. On a GPU, wall time (synchronised) is the measure.
@@ -161,7 +166,8 @@ def main(argv=None) -> int:
             print(f"[{clock:>4}] {name:>4}: median {med[name] * 1e3:.3f} ms/step  "
                   f"(min {min(v) * 1e3:.3f}, max {max(v) * 1e3:.3f})")
         print(f"[{clock:>4}] ratio loop/bare = {med['loop'] / med['bare']:.4f}  (per-repeat ratios: median "
-              f"{statistics.median(ratios):.4f}, min {min(ratios):.4f}, max {max(ratios):.4f})")
+              f"{statistics.median(ratios):.4f}, min {min(ratios):.4f}, max {max(ratios):.4f}); "
+              f"loop - bare = {(med['loop'] - med['bare']) * 1e6:+.0f} us/step")
     if args.profile:
         profile(bare, "bare")
         profile(loop, "loop")

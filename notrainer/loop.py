@@ -21,12 +21,14 @@ The loop never sees a task, a tokenizer's internals or a dataset format.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import time
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
+import accelerate.optimizer as _accelerate_optimizer
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (
@@ -43,6 +45,10 @@ from . import guards, preemption
 from .errors import UsageError
 
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
+
+# accelerate's optimizer wrapper asks the file system twice per optimizer step whether the
+# optional lomo_optim package is installed (40-90 us each on our CPU); the answer cannot change.
+_accelerate_optimizer.is_lomo_available = functools.cache(_accelerate_optimizer.is_lomo_available)
 
 
 def default_loss_fn(model, batch):
