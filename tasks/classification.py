@@ -71,6 +71,7 @@ class ClassificationTask(Task):
         self.label_names: list[str] = []  # id -> name
         self._class_names: list[str] | None = None  # a ClassLabel feature's names (raw ints -> names)
         self._metrics: dict = {}
+        self._raw_test = None
 
     # ------------------------------------------------------------------ data
 
@@ -89,6 +90,7 @@ class ClassificationTask(Task):
         # id2label come from them.
         self.text_col, self.pair_col, self.label_col = self.find_columns(raw)
         self.find_labels(raw)
+        self._raw_test = raw["test"] if "test" in raw else None  # predictions carry their text
         return raw
 
     def find_columns(self, raw) -> tuple[str, str | None, str | None]:
@@ -355,13 +357,22 @@ class ClassificationTask(Task):
     def format_predictions(self, outputs, dataset) -> list[dict]:
         preds = np.concatenate(outputs["predictions"])
         if self.problem_type == REGRESSION:
-            return [{"score": float(p)} for p in preds]
-        scores = np.concatenate(outputs["scores"])
-        if self.problem_type == MULTI:
-            return [{"labels": [self.label_names[i] for i in np.flatnonzero(row)],
-                     "scores": {n: round(float(s), 6) for n, s in zip(self.label_names, srow)}}
-                    for row, srow in zip(preds, scores)]
-        return [{"label": self.label_names[int(p)], "score": round(float(s[int(p)]), 6)} for p, s in zip(preds, scores)]
+            records = [{"score": float(p)} for p in preds]
+        elif self.problem_type == MULTI:
+            scores = np.concatenate(outputs["scores"])
+            records = [{"labels": [self.label_names[i] for i in np.flatnonzero(row)],
+                        "scores": {n: round(float(s), 6) for n, s in zip(self.label_names, srow)}}
+                       for row, srow in zip(preds, scores)]
+        else:
+            scores = np.concatenate(outputs["scores"])
+            records = [{"label": self.label_names[int(p)], "score": round(float(s[int(p)]), 6)}
+                       for p, s in zip(preds, scores)]
+        test = self._raw_test
+        if test is not None and len(test) == len(records):  # put the input first, in test_file order
+            cols = [c for c in (self.text_col, self.pair_col) if c]
+            texts = {c: test[c] for c in cols}
+            records = [{**{c: texts[c][i] for c in cols}, **r} for i, r in enumerate(records)]
+        return records
 
 
 # ---------------------------------------------------------------------- shared with token classification

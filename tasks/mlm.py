@@ -10,7 +10,8 @@ words). The validation set is masked once, while it is prepared, with a generato
 under any number of processes and batch sizes.
 
 Metrics: eval_loss (per masked token), eval_perplexity, eval_accuracy (masked tokens
-predicted exactly).
+predicted exactly). There is no prediction mode (do_predict=true is refused before
+training); use pipeline("fill-mask", model=output_dir) on the exported model.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from notrainer.config import TrainConfig, key
 from notrainer.data import require_columns
-from notrainer.errors import UsageError, check
+from notrainer.errors import check
 
 from .base import Task, require_pad_token, safe_exp, token_losses
 
@@ -207,11 +208,3 @@ class MLMTask(Task):
             masked = sum(int(x.sum()) for x in outputs["masked"])
             out["accuracy"] = sum(int(x.sum()) for x in outputs["correct"]) / max(masked, 1)
         return out
-
-    # ------------------------------------------------------------------ prediction mode
-
-    def predict_step(self, model, batch):
-        raise UsageError("task=mlm has no prediction mode; use pipeline('fill-mask', model=output_dir) on the exported model")
-
-    def format_predictions(self, outputs, dataset):
-        raise UsageError("task=mlm has no prediction mode; use pipeline('fill-mask', model=output_dir) on the exported model")

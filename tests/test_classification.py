@@ -220,3 +220,15 @@ def test_fine_tunes_a_real_pretrained_encoder(tmp_path):
                   f"validation_file={val}", "max_train_steps=10", "learning_rate=3e-4",
                   "per_device_train_batch_size=16", "max_seq_length=24", "num_train_epochs=1", output_dir=tmp_path / "o")
     assert res["eval_accuracy"] >= 0.9, res
+
+
+def test_prediction_mode_writes_label_names_in_test_file_order(trained, tmp_path):
+    out, _ = trained
+    rows = builtin_topic_sentences(37, seed=9, distractor_prob=0.0)
+    test = write_rows(tmp_path / "test.csv", [{"text": r["text"]} for r in rows])  # no labels needed
+    run_cli("task=classification", "mode=predict", f"model_name_or_path={out}", f"test_file={test}",
+            "per_device_eval_batch_size=8", output_dir=tmp_path / "pred")
+    records = [json.loads(line) for line in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in records] == [r["text"] for r in rows]
+    assert all(r["label"] in TOPICS and 0 < r["score"] <= 1 for r in records)
+    assert sum(r["label"] == row["label"] for r, row in zip(records, rows)) / len(rows) > 0.6

@@ -110,9 +110,9 @@ def test_bad_input(tmp_path):
         run_cli("task=mlm", f"train_file={js}", "text_column=content", "validation_split_percentage=0", output_dir=tmp_path / "o")
 
 
-def test_no_prediction_mode():
-    from tasks.mlm import MLMTask
-
-    cfg, _ = parse_args(["task=mlm"])
+def test_no_prediction_mode(tmp_path):
+    test = tmp_path / "test.txt"
+    test.write_text("the cat sees the dog .\n")
     with pytest.raises(UsageError, match="task=mlm has no prediction mode"):
-        MLMTask(cfg).format_predictions({}, None)
+        run_cli("task=mlm", "do_predict=true", f"test_file={test}", output_dir=tmp_path / "o")
+    assert not (tmp_path / "o" / "all_results.json").exists()
