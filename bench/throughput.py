@@ -248,8 +248,8 @@ def profile_fast(args, ds) -> None:
     clock.step_end = step_and_profile
     with prof:
         run_notrainer(args_p, ds, clock, fast=True)
-    key = "cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    print(f"\n--- notrainer-fast: top ops by {key} over 3 steps")
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(f"\n--- notrainer-fast: top ops and kernels by {key} over 3 steps")
     print(prof.key_averages().table(sort_by=key, row_limit=args.profile_rows))
 
 
