@@ -91,6 +91,8 @@ class ClassificationTask(Task):
         self.text_col, self.pair_col, self.label_col = self.find_columns(raw)
         self.find_labels(raw)
         self._raw_test = raw["test"] if "test" in raw else None  # predictions carry their text
+        if self.cfg.metric:
+            self.metric(self.cfg.metric)  # an unknown metric name fails now, not after training
         return raw
 
     def find_columns(self, raw) -> tuple[str, str | None, str | None]:
@@ -156,7 +158,8 @@ class ClassificationTask(Task):
         if self._class_names is not None:
             self.label_names = list(self._class_names)
         else:
-            numeric = all(isinstance(v, (int, np.integer)) for v in (x for row in values for x in (row if is_list else [row])))
+            numeric = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                          for v in (x for row in values for x in (row if is_list else [row])))
             self.label_names = sorted(seen, key=int) if numeric else sorted(seen)
         if self.problem_type == SINGLE:
             check(len(self.label_names) >= 2, f"the training data has a single label ({self.label_names[0]!r}); "
@@ -258,7 +261,9 @@ class ClassificationTask(Task):
         return kwargs
 
     def build_model(self, tokenizer):
-        check_head_size(self.cfg, "ForSequenceClassification", self.num_labels, "labels")
+        order = check_head_size(self.cfg, "ForSequenceClassification", self.num_labels, "labels")
+        if order and self.problem_type != REGRESSION and set(order) == set(self.label_names):
+            self.label_names = order  # a fine-tuned head keeps its own label ids
         return super().build_model(tokenizer)
 
     def check_model(self, model, tokenizer) -> None:
@@ -378,20 +383,26 @@ class ClassificationTask(Task):
 # ---------------------------------------------------------------------- shared with token classification
 
 
-def check_head_size(cfg, head_suffix: str, num_labels: int, what: str) -> None:
-    """A checkpoint that already has a head of another size: say so before loading it."""
-    if not cfg.model_name_or_path or cfg.ignore_mismatched_sizes:
-        return
+def check_head_size(cfg, head_suffix: str, num_labels: int, what: str) -> list[str] | None:
+    """A checkpoint that already has a head of another size: say so before loading it.
+    Returns the label names of a head of the right size (id order), else None."""
+    if not cfg.model_name_or_path:
+        return None
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     except Exception:
-        return  # build_model reports a model that cannot be loaded
+        return None  # build_model reports a model that cannot be loaded
     has_head = any(a.endswith(head_suffix) for a in (getattr(config, "architectures", None) or []))
-    if has_head and config.num_labels != num_labels:
+    if not has_head:
+        return None
+    if config.num_labels != num_labels:
+        if cfg.ignore_mismatched_sizes:
+            return None
         raise UsageError(f"model_name_or_path={cfg.model_name_or_path} has a head for {config.num_labels} {what} "
                          f"but the data has {num_labels}; set ignore_mismatched_sizes=true to train a new head")
+    return [config.id2label[i] for i in range(config.num_labels)]
 
 
 # ---------------------------------------------------------------------- built-in data

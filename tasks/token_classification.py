@@ -83,6 +83,10 @@ class TokenClassificationTask(Task):
         self.words_col, self.tags_col = self.find_columns(raw)
         self.find_labels(raw)
         self._raw_test = raw["test"] if "test" in raw else None
+        if self.cfg.metric:
+            from notrainer.metrics import load_metric
+
+            self._metric = load_metric(self.cfg.metric)  # an unknown name fails now, not after training
         return raw
 
     def find_columns(self, raw) -> tuple[str, str | None]:
@@ -229,7 +233,9 @@ class TokenClassificationTask(Task):
                     label2id=self.label2id)
 
     def build_model(self, tokenizer):
-        check_head_size(self.cfg, "ForTokenClassification", len(self.label_names), "tags")
+        order = check_head_size(self.cfg, "ForTokenClassification", len(self.label_names), "tags")
+        if order and set(order) == set(self.label_names):
+            self.label_names = order  # a fine-tuned head keeps its own tag ids
         return super().build_model(tokenizer)
 
     def check_model(self, model, tokenizer) -> None:

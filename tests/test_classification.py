@@ -85,9 +85,9 @@ def test_glue_mrpc_tsv_pairs_with_int_labels(tmp_path):
     path = tmp_path / "train.tsv"
     path.write_text("\t".join(rows[0]) + "\n" + "".join("\t".join(str(v) for v in r.values()) + "\n" for r in rows))
     res = run_cli("task=classification", f"train_file={path}", "validation_split_percentage=25",
-                  "max_train_steps=3", "return_per_label_metrics=true", output_dir=tmp_path / "out")
+                  "max_train_steps=3", "return_per_label_metrics=true", "metric=recall", output_dir=tmp_path / "out")
     assert res["eval_samples"] == 12  # all 48 rows read: quotes did not swallow lines
-    assert {"eval_f1", "eval_matthews_correlation", "eval_0_f1", "eval_1_support"} <= set(res)
+    assert {"eval_f1", "eval_matthews_correlation", "eval_0_f1", "eval_1_support", "eval_recall"} <= set(res)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["id2label"] == {"0": "0", "1": "1"}
 
@@ -232,3 +232,23 @@ def test_prediction_mode_writes_label_names_in_test_file_order(trained, tmp_path
     assert [r["text"] for r in records] == [r["text"] for r in rows]
     assert all(r["label"] in TOPICS and 0 < r["score"] <= 1 for r in records)
     assert sum(r["label"] == row["label"] for r, row in zip(records, rows)) / len(rows) > 0.6
+
+
+def test_fine_tuned_head_keeps_its_label_ids(tmp_path):
+    from transformers import BertConfig
+
+    from notrainer.config import parse_args
+    from tasks.classification import check_head_size
+
+    BertConfig(architectures=["BertForSequenceClassification"], id2label={0: "pos", 1: "neg"},
+               label2id={"pos": 0, "neg": 1}).save_pretrained(tmp_path)
+    cfg, _ = parse_args(["task=classification", f"model_name_or_path={tmp_path}"])
+    # sorted names would make "neg" id 0; the head's own order wins
+    assert check_head_size(cfg, "ForSequenceClassification", 2, "labels") == ["pos", "neg"]
+
+
+def test_unknown_metric_fails_before_training(small_csv, tmp_path):
+    with pytest.raises(UsageError, match="metric='no_such_metric_xyz' could not be loaded"):
+        run_cli("task=classification", f"train_file={small_csv}", "metric=no_such_metric_xyz",
+                output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
