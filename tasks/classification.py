@@ -164,7 +164,7 @@ class ClassificationTask(Task):
         if self.problem_type == SINGLE:
             check(len(self.label_names) >= 2, f"the training data has a single label ({self.label_names[0]!r}); "
                                               "classification needs at least two (floats: problem_type=regression)")
-        for split_name in ("validation", "test"):
+        for split_name in ("validation",):
             if split_name in raw and self.label_col in raw[split_name].column_names:
                 vals = raw[split_name][self.label_col]
                 check(all(v is not None for v in vals),
@@ -230,18 +230,20 @@ class ClassificationTask(Task):
         cfg = self.cfg
         text_col, pair_col, label_col = self.text_col, self.pair_col, self.label_col
 
-        def preprocess(batch):
+        def preprocess(batch, with_labels: bool):
             texts = [t if t is not None else "" for t in batch[text_col]]
             pairs = [t if t is not None else "" for t in batch[pair_col]] if pair_col else None
             enc = tokenizer(texts, pairs, truncation=True, max_length=cfg.max_seq_length)
-            if label_col in batch:
+            if with_labels and label_col in batch:
                 enc["labels"] = [self.encode_label(v) for v in batch[label_col]]
             return enc
 
         import datasets
 
+        # test data is only predicted: its labels, if any (GLUE's are -1), are not read
         return datasets.DatasetDict({
             name: split.map(preprocess, batched=True, remove_columns=split.column_names,
+                            fn_kwargs={"with_labels": name != "test"},
                             num_proc=cfg.preprocessing_num_workers, load_from_cache_file=not cfg.overwrite_cache,
                             desc=f"tokenizing {name}")
             for name, split in raw.items()

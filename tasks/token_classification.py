@@ -125,7 +125,7 @@ class TokenClassificationTask(Task):
             seen = self._tags_in(raw["train"][self.tags_col])
             check(len(seen) > 0, "the training data has no tags")
             self.label_names = sorted(seen)
-        for split_name in ("validation", "test"):
+        for split_name in ("validation",):
             if split_name in raw and self.tags_col in raw[split_name].column_names:
                 unseen = sorted(self._tags_in(raw[split_name][self.tags_col]) - set(self.label_names))
                 check(not unseen, f"the {split_name} data has tags never seen in training: "
@@ -188,10 +188,10 @@ class TokenClassificationTask(Task):
         words_col, tags_col = self.words_col, self.tags_col
         ids, follow = self.label2id, self.b_to_i()
 
-        def preprocess(batch):
+        def preprocess(batch, with_labels: bool):
             words = [[str(w) for w in ws] for ws in batch[words_col]]
             enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=cfg.max_seq_length)
-            tags = batch[tags_col] if tags_col in batch else None
+            tags = batch[tags_col] if with_labels and tags_col in batch else None
             all_labels = []
             for i in range(len(words)):
                 labels, previous = [], None
@@ -214,9 +214,11 @@ class TokenClassificationTask(Task):
 
         import datasets
 
+        # test data is only predicted: its tags, if any, are not read
         return datasets.DatasetDict({
             name: split.map(preprocess, batched=True, remove_columns=split.column_names,
-                            num_proc=cfg.preprocessing_num_workers, load_from_cache_file=not cfg.overwrite_cache,
+                            fn_kwargs={"with_labels": name != "test"}, num_proc=cfg.preprocessing_num_workers,
+                            load_from_cache_file=not cfg.overwrite_cache,
                             desc=f"tokenizing {name}")
             for name, split in raw.items()
         })
