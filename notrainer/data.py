@@ -90,3 +90,16 @@ def require_columns(ds, columns: dict[str, str | None]) -> None:
             continue
         check(column in ds.column_names,
               f"{key_name}={column!r}: no such column; the data has {', '.join(ds.column_names)}")
+
+
+def pick_text_column(ds, configured: str | None) -> str:
+    """The column holding the text: `configured` (which must exist), else "text", else the first
+    string column."""
+    if configured:
+        require_columns(ds, {"text_column": configured})
+        return configured
+    if "text" in ds.column_names:
+        return "text"
+    strings = [n for n, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+    check(bool(strings), f"no text column found (columns: {', '.join(ds.column_names)}); set text_column=...")
+    return strings[0]

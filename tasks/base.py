@@ -13,7 +13,6 @@ Subclass a task to change one piece and run it with `task=my_pkg.my_module:MyTas
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Any
 

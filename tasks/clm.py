@@ -17,7 +17,7 @@ from typing import Optional
 
 from notrainer import losses
 from notrainer.config import TrainConfig, key
-from notrainer.data import require_columns
+from notrainer.data import pick_text_column, require_columns
 from notrainer.errors import UsageError, check
 
 from .base import Task, require_pad_token, safe_exp, token_losses
@@ -46,26 +46,13 @@ class CLMTask(Task):
     # ------------------------------------------------------------------ data
 
     def builtin_datasets(self):
-        import datasets
-
-        docs = builtin_corpus()
-        return datasets.DatasetDict(
-            train=datasets.Dataset.from_dict({"text": docs[:-40]}),
-            validation=datasets.Dataset.from_dict({"text": docs[-40:]}),
-        )
+        return builtin_text_splits()
 
     def tokenizer_texts(self, raw):
         return raw["train"][self.text_column(raw["train"])]
 
     def text_column(self, ds) -> str:
-        if self.cfg.text_column:
-            require_columns(ds, {"text_column": self.cfg.text_column})
-            return self.cfg.text_column
-        if "text" in ds.column_names:
-            return "text"
-        strings = [n for n, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
-        check(bool(strings), f"no text column found (columns: {', '.join(ds.column_names)}); set text_column=...")
-        return strings[0]
+        return pick_text_column(ds, self.cfg.text_column)
 
     def max_positions(self, model) -> int | None:
         c = model.config
@@ -231,6 +218,17 @@ _NOUNS = "cat dog bird fox horse mouse farmer teacher child river garden house s
 _ADJS = "small big red green quick lazy old young happy quiet bright dark".split()
 _VERBS = "sees follows likes finds helps watches chases visits".split()
 _PLACES = "in the garden|near the river|at the house|on the ship|under the tree|by the road".split("|")
+
+
+def builtin_text_splits():
+    """The built-in corpus as train and validation splits (the last 40 documents)."""
+    import datasets
+
+    docs = builtin_corpus()
+    return datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"text": docs[:-40]}),
+        validation=datasets.Dataset.from_dict({"text": docs[-40:]}),
+    )
 
 
 def builtin_corpus(n_docs: int = 400, seed: int = 0) -> list[str]:

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from notrainer.config import TrainConfig, key
-from notrainer.data import require_columns
+from notrainer.data import pick_text_column, require_columns
 from notrainer.errors import check
 
 from .base import Task, require_pad_token, safe_exp, token_losses
@@ -58,28 +58,15 @@ class MLMTask(Task):
     # ------------------------------------------------------------------ data
 
     def builtin_datasets(self):
-        import datasets
+        from .clm import builtin_text_splits
 
-        from .clm import builtin_corpus
-
-        docs = builtin_corpus()
-        return datasets.DatasetDict(
-            train=datasets.Dataset.from_dict({"text": docs[:-40]}),
-            validation=datasets.Dataset.from_dict({"text": docs[-40:]}),
-        )
+        return builtin_text_splits()  # the same grammar corpus as task=clm
 
     def tokenizer_texts(self, raw):
         return raw["train"][self.text_column(raw["train"])]
 
     def text_column(self, ds) -> str:
-        if self.cfg.text_column:
-            require_columns(ds, {"text_column": self.cfg.text_column})
-            return self.cfg.text_column
-        if "text" in ds.column_names:
-            return "text"
-        strings = [n for n, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
-        check(bool(strings), f"no text column found (columns: {', '.join(ds.column_names)}); set text_column=...")
-        return strings[0]
+        return pick_text_column(ds, self.cfg.text_column)
 
     def check_model(self, model, tokenizer) -> None:
         super().check_model(model, tokenizer)

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-import torch
 
 from notrainer.config import TrainConfig, key
 from notrainer.data import require_columns

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -19,15 +20,40 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """accelerate keeps process-wide singletons; reset them so each in-process run starts clean."""
-    yield
+def reset_accelerate_state() -> None:
+    """accelerate keeps process-wide singletons; reset them so the next in-process run starts clean."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    reset_accelerate_state()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One torch thread, like the subprocess runs (OMP_NUM_THREADS=1): the thread count changes
+    the order of float sums (hence the last bits of weights), and on a busy 2-core machine more
+    threads only spin against each other."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    with one_thread():
+        yield
 
 
 def run_cli(*args: str, output_dir: Path | None = None) -> dict:
@@ -42,17 +68,26 @@ def run_cli(*args: str, output_dir: Path | None = None) -> dict:
     return run(argv)
 
 
+#: environment of every subprocess run: CPU DDP, one thread per process
+CPU_ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+
+
+def launch_command(target: list[str], num_processes: int = 1) -> list[str]:
+    """The command that runs `target` (["-m", "notrainer.run", ...] or [script, ...]): plain
+    python for one process, `accelerate launch` as CPU DDP for several."""
+    if num_processes == 1:
+        return [sys.executable, *target]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()), *target]
+
+
 def cli_subprocess(*args: str, num_processes: int = 1, env: dict | None = None, timeout: int = 600,
                    check: bool = True) -> subprocess.CompletedProcess:
     """Run the CLI as a real process; with num_processes=2, as 2-process CPU DDP."""
-    full_env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    if num_processes > 1:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-               str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), "-m", "notrainer.run", *args]
-    else:
-        cmd = [sys.executable, "-m", "notrainer.run", *args]
-    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
+    cmd = launch_command(["-m", "notrainer.run", *args], num_processes)
+    proc = subprocess.run(cmd, env={**os.environ, **CPU_ENV, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout, cwd=str(REPO))
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}")
     return proc

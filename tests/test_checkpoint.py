@@ -17,14 +17,7 @@ from notrainer.errors import UsageError
 TINY = ["task=clm", "per_device_train_batch_size=4", "logging_steps=2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread, like the subprocess runs (OMP_NUM_THREADS=1): on a shared 2-core
-    machine more threads only spin against each other (measured: 2.7x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")

@@ -3,21 +3,15 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, _free_port, cli_subprocess, read_results
+from conftest import CPU_ENV, REPO, cli_subprocess, launch_command, read_results
 
 
 def _launch_script(script, *args, num_processes):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--num_processes", str(num_processes), "--main_process_port", str(_free_port())]
-    if num_processes > 1:
-        cmd.append("--multi_gpu")
-    proc = subprocess.run(cmd + [str(REPO / "tests" / "scripts" / script), *args], env=env, capture_output=True,
-                          text=True, timeout=300)
+    cmd = launch_command([str(REPO / "tests" / "scripts" / script), *args], num_processes)
+    proc = subprocess.run(cmd, env={**os.environ, **CPU_ENV}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("LRS="))
     return json.loads(line[4:])

@@ -9,6 +9,7 @@ import copy
 import torch
 from torch.utils.data import DataLoader
 
+from conftest import reset_accelerate_state
 from notrainer import Loop
 from tasks.clm import CLMTask
 
@@ -52,10 +53,7 @@ def _update(model, batch_size, accumulation, tmp_path):
 
 def test_accumulated_gradient_equals_big_batch(tmp_path):
     big = _update(_model(), batch_size=8, accumulation=1, tmp_path=tmp_path)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     small = _update(_model(), batch_size=2, accumulation=4, tmp_path=tmp_path)
     for name in big:
         assert torch.allclose(big[name], small[name], rtol=1e-4, atol=1e-7), name

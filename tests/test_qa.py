@@ -7,29 +7,20 @@ from collections import defaultdict
 import pytest
 import torch
 
-from conftest import read_results, run_cli
+from conftest import reset_accelerate_state, read_results, run_cli
 from notrainer.errors import UsageError
 from tasks.qa import builtin_qa
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The embedded default (tiny BERT, generated facts and questions), trained, exported."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
     out = tmp_path_factory.mktemp("qa") / "run"
     results = run_cli("task=qa", "max_train_steps=240", output_dir=out)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerate_state()
     return out, results
 
 

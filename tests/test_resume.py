@@ -5,19 +5,17 @@ all_results.json counters, on one process and on 2-process DDP."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, _free_port, read_results, run_cli
+from conftest import CPU_ENV, REPO, launch_command, one_thread, read_results, run_cli
 
 # The task sleeps in each micro-batch (SLOW_STEP_SECONDS) so that a test can hit the run between
 # two checkpoints; the numbers are those of task=clm.
@@ -56,28 +54,9 @@ def reference(slow_task, tmp_path_factory) -> Path:
     return out
 
 
-@contextlib.contextmanager
-def one_thread():
-    """In-process runs use one thread like the subprocesses (OMP_NUM_THREADS=1): the number of
-    threads changes the order of float sums, hence the last bits of the weights."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _start(args: list[str], num_processes: int, slow: float, **env_extra: str) -> subprocess.Popen:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "SLOW_STEP_SECONDS": str(slow), **env_extra}
-    if num_processes > 1:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-               str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), "-m", "notrainer.run", *args]
-    else:
-        cmd = [sys.executable, "-m", "notrainer.run", *args]
+    env = {**os.environ, **CPU_ENV, "SLOW_STEP_SECONDS": str(slow), **env_extra}
+    cmd = launch_command(["-m", "notrainer.run", *args], num_processes)
     return subprocess.Popen(cmd, env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -4,32 +4,21 @@ translation records, prediction mode, bad input."""
 import json
 
 import pytest
-import torch
 
-from conftest import cli_subprocess, read_results, run_cli
+from conftest import reset_accelerate_state, cli_subprocess, read_results, run_cli
 from notrainer.errors import UsageError
 from tasks.seq2seq import toy_translation_pairs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models on a shared 2-core machine: one thread avoids spinning against other work.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The embedded default (tiny T5, toy translation), trained briefly, exported."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
     out = tmp_path_factory.mktemp("seq2seq") / "run"
     results = run_cli("task=seq2seq", "max_train_steps=80", output_dir=out)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerate_state()
     return out, results
 
 

@@ -10,7 +10,7 @@ from conftest import cli_subprocess, read_results, run_cli
 from notrainer import builtin
 from notrainer.config import parse_args
 from notrainer.errors import UsageError
-from tasks.token_classification import TokenClassificationTask, builtin_ner_sentences
+from tasks.token_classification import builtin_ner_sentences
 
 
 @pytest.fixture(scope="module")

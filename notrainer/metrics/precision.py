@@ -3,27 +3,12 @@
 Same arguments as the local `f1` module (`average`, `pos_label`, `labels`).
 """
 
-import datasets
-import evaluate
-import numpy as np
 from sklearn.metrics import precision_score
 
+from notrainer.metrics import label_scores
 
-class Precision(evaluate.Metric):
-    def _info(self):
-        return evaluate.MetricInfo(
-            description="Fraction of predicted positives that are correct.",
-            citation="scikit-learn: Machine Learning in Python, Pedregosa et al., JMLR 12, 2011.",
-            inputs_description="predictions, references: label ids, or 0/1 indicator lists for multi-label; "
-                               "average: binary, macro, micro, weighted or None; pos_label; labels",
-            features=[
-                datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
-                datasets.Features({"predictions": datasets.Sequence(datasets.Value("int64")),
-                                   "references": datasets.Sequence(datasets.Value("int64"))}),
-            ],
-        )
 
-    def _compute(self, predictions, references, labels=None, pos_label=1, average="binary", sample_weight=None):
-        score = precision_score(references, predictions, labels=labels, pos_label=pos_label, average=average,
-                                sample_weight=sample_weight, zero_division=0)
-        return {"precision": float(score) if np.ndim(score) == 0 else np.asarray(score).tolist()}
+class Precision(label_scores.LabelScore):
+    result_key = "precision"
+    summary = "Fraction of predicted positives that are correct."
+    score_fn = staticmethod(precision_score)
