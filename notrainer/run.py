@@ -119,23 +119,23 @@ def build(cfg, task_cls):
             model.config.use_cache = False
 
     collate = task.collator(tokenizer)
-    pin = torch.cuda.is_available()
-    train_loader = None
+
+    def loader(split: str, batch_size: int, shuffle: bool = False) -> DataLoader:
+        # pinned host memory lets accelerate copy batches to the GPU without blocking
+        return DataLoader(ds[split], shuffle=shuffle, batch_size=batch_size, collate_fn=collate,
+                          num_workers=cfg.dataloader_num_workers, pin_memory=torch.cuda.is_available())
+
+    train_loader = eval_loader = predict_loader = None
     if cfg.do_train:
         if "train" not in ds:
             raise UsageError("do_train=true but there is no training data")
-        train_loader = DataLoader(ds["train"], shuffle=True, batch_size=cfg.per_device_train_batch_size,
-                                  collate_fn=collate, num_workers=cfg.dataloader_num_workers, pin_memory=pin)
-    eval_loader = None
+        train_loader = loader("train", cfg.per_device_train_batch_size, shuffle=True)
     if cfg.do_eval and "validation" in ds:
-        eval_loader = DataLoader(ds["validation"], batch_size=cfg.per_device_eval_batch_size, collate_fn=collate,
-                                 num_workers=cfg.dataloader_num_workers, pin_memory=pin)
-    predict_loader = None
+        eval_loader = loader("validation", cfg.per_device_eval_batch_size)
     if cfg.do_predict:
         if "test" not in ds:
             raise UsageError("do_predict=true needs test_file=... (the data to predict on)")
-        predict_loader = DataLoader(ds["test"], batch_size=cfg.per_device_eval_batch_size, collate_fn=collate,
-                                    num_workers=cfg.dataloader_num_workers, pin_memory=pin)
+        predict_loader = loader("test", cfg.per_device_eval_batch_size)
 
     if acc.is_main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
