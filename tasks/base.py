@@ -80,6 +80,19 @@ class Task:
     def tokenizer_kwargs(self) -> dict:
         return {}
 
+    def pretrained_config(self, needed_for: str):
+        """The config of the given model (model_name_or_path, else config_name), e.g. for the
+        labels it was trained on when there is no training data to read them from."""
+        cfg = self.cfg
+        name = cfg.model_name_or_path or cfg.config_name
+        check(name is not None, f"without training data the {needed_for} come from the model: give model_name_or_path=...")
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+        except Exception as e:
+            raise UsageError(f"model {name!r} could not be loaded: {_first_line(e)}") from None
+
     def model_kwargs(self, tokenizer) -> dict:
         """Extra config values for the model (e.g. num_labels, id2label)."""
         return {}

@@ -31,7 +31,7 @@ from notrainer.config import TrainConfig, key
 from notrainer.data import require_columns
 from notrainer.errors import UsageError, check
 
-from .base import Task, _first_line, require_pad_token
+from .base import Task, require_pad_token
 
 SINGLE, MULTI, REGRESSION = "single_label_classification", "multi_label_classification", "regression"
 LABEL_CANDIDATES = ("label", "labels", "score", "quality")
@@ -189,14 +189,7 @@ class ClassificationTask(Task):
     def _labels_from_model(self) -> None:
         """Evaluation or prediction without training data: the labels the model was trained on."""
         cfg = self.cfg
-        name = cfg.model_name_or_path or cfg.config_name
-        check(name is not None, "without training data the labels come from the model: give model_name_or_path=...")
-        from transformers import AutoConfig
-
-        try:
-            config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
-        except Exception as e:
-            raise UsageError(f"model {name!r} could not be loaded: {_first_line(e)}") from None
+        config = self.pretrained_config("labels")
         self.problem_type = cfg.problem_type or config.problem_type or (REGRESSION if config.num_labels == 1 else SINGLE)
         self.label_names = [config.id2label[i] for i in range(config.num_labels)]
 

@@ -26,7 +26,7 @@ from notrainer.config import TrainConfig, key
 from notrainer.data import require_columns
 from notrainer.errors import UsageError, check
 
-from .base import Task, _first_line, require_pad_token, token_losses
+from .base import Task, require_pad_token, token_losses
 from .classification import check_head_size
 
 WORDS_CANDIDATES = ("words", "tokens")
@@ -140,15 +140,7 @@ class TokenClassificationTask(Task):
         return str(tag)
 
     def _labels_from_model(self) -> None:
-        cfg = self.cfg
-        name = cfg.model_name_or_path or cfg.config_name
-        check(name is not None, "without training data the tags come from the model: give model_name_or_path=...")
-        from transformers import AutoConfig
-
-        try:
-            config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
-        except Exception as e:
-            raise UsageError(f"model {name!r} could not be loaded: {_first_line(e)}") from None
+        config = self.pretrained_config("tags")
         self.label_names = [config.id2label[i] for i in range(config.num_labels)]
 
     @property
