@@ -3,11 +3,10 @@
 `score` is in [0, 100]: a character n-gram F-score, robust for morphologically rich languages.
 """
 
-import datasets
 import evaluate
 import sacrebleu
 
-from notrainer.metrics.sacrebleu import transpose_references
+from notrainer.metrics.sacrebleu import TEXT_FEATURES, transpose_references
 
 
 class Chrf(evaluate.Metric):
@@ -17,11 +16,7 @@ class Chrf(evaluate.Metric):
             citation="Popović, chrF: character n-gram F-score for automatic MT evaluation, WMT 2015.",
             inputs_description="predictions: generated texts; references: a reference text or a list of them "
                                "per prediction",
-            features=[
-                datasets.Features({"predictions": datasets.Value("string"),
-                                   "references": datasets.Sequence(datasets.Value("string"))}),
-                datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
-            ],
+            features=TEXT_FEATURES,
         )
 
     def _compute(self, predictions, references, char_order=6, word_order=0, beta=2, lowercase=False,

@@ -18,6 +18,14 @@ def transpose_references(references):
     return [[r[i] for r in refs] for i in range(n)]
 
 
+#: generated texts against one reference text, or a list of them, per prediction
+TEXT_FEATURES = [
+    datasets.Features({"predictions": datasets.Value("string"),
+                       "references": datasets.Sequence(datasets.Value("string"))}),
+    datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+]
+
+
 class Sacrebleu(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
@@ -25,11 +33,7 @@ class Sacrebleu(evaluate.Metric):
             citation="Post, A Call for Clarity in Reporting BLEU Scores, WMT 2018.",
             inputs_description="predictions: generated texts; references: a reference text or a list of them "
                                "per prediction",
-            features=[
-                datasets.Features({"predictions": datasets.Value("string"),
-                                   "references": datasets.Sequence(datasets.Value("string"))}),
-                datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
-            ],
+            features=TEXT_FEATURES,
         )
 
     def _compute(self, predictions, references, tokenize="13a", lowercase=False, smooth_method="exp",
