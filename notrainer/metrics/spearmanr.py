@@ -1,23 +1,11 @@
-"""Spearman rank correlation as a local `evaluate` module (scipy), offline (regression)."""
+"""Spearman rank correlation as a local `evaluate` module (scipy), so it works offline (regression)."""
 
-import datasets
-import evaluate
 from scipy.stats import spearmanr
 
+from notrainer.metrics import correlations
 
-class Spearmanr(evaluate.Metric):
-    def _info(self):
-        return evaluate.MetricInfo(
-            description="Spearman rank correlation coefficient between predicted and reference values.",
-            citation="Virtanen et al. (2020). SciPy 1.0. Nature Methods 17, 261-272.",
-            inputs_description="predictions, references: floats; return_pvalue: also return the p-value",
-            features=datasets.Features({"predictions": datasets.Value("float64"),
-                                        "references": datasets.Value("float64")}),
-        )
 
-    def _compute(self, predictions, references, return_pvalue=False):
-        result = spearmanr(references, predictions)
-        out = {"spearmanr": float(result[0])}
-        if return_pvalue:
-            out["p-value"] = float(result[1])
-        return out
+class Spearmanr(correlations.Correlation):
+    result_key = "spearmanr"
+    summary = "Spearman rank correlation coefficient between predicted and reference values."
+    score_fn = staticmethod(spearmanr)
