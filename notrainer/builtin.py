@@ -73,6 +73,14 @@ def _canonical_ids(tok, specials: list[str]):
     return Tokenizer.from_str(json.dumps(data))
 
 
+def splits(train: list[dict], validation: list[dict]):
+    """Built-in rows (one dict per example) as a DatasetDict with train and validation splits."""
+    import datasets
+
+    return datasets.DatasetDict(train=datasets.Dataset.from_list(train),
+                                validation=datasets.Dataset.from_list(validation))
+
+
 def tiny_config(model_type: str, tokenizer, max_positions: int = 512, **overrides):
     """A small random-init config of `model_type` sized for CPU tests (about 0.5M parameters)."""
     from transformers import AutoConfig

@@ -27,6 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from notrainer import builtin
 from notrainer.config import TrainConfig, key
 from notrainer.data import require_columns
 from notrainer.errors import UsageError, check
@@ -76,13 +77,8 @@ class ClassificationTask(Task):
     # ------------------------------------------------------------------ data
 
     def builtin_datasets(self):
-        import datasets
-
         rows = builtin_topic_sentences(1400, seed=0)
-        return datasets.DatasetDict(
-            train=datasets.Dataset.from_list(rows[:1200]),
-            validation=datasets.Dataset.from_list(rows[1200:]),
-        )
+        return builtin.splits(rows[:1200], rows[1200:])
 
     def load_raw_datasets(self):
         raw = super().load_raw_datasets()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Optional
 
-from notrainer import losses
+from notrainer import builtin, losses
 from notrainer.config import TrainConfig, key
 from notrainer.data import pick_text_column, require_columns
 from notrainer.errors import UsageError, check
@@ -222,13 +222,8 @@ _PLACES = "in the garden|near the river|at the house|on the ship|under the tree|
 
 def builtin_text_splits():
     """The built-in corpus as train and validation splits (the last 40 documents)."""
-    import datasets
-
-    docs = builtin_corpus()
-    return datasets.DatasetDict(
-        train=datasets.Dataset.from_dict({"text": docs[:-40]}),
-        validation=datasets.Dataset.from_dict({"text": docs[-40:]}),
-    )
+    rows = [{"text": d} for d in builtin_corpus()]
+    return builtin.splits(rows[:-40], rows[-40:])
 
 
 def builtin_corpus(n_docs: int = 400, seed: int = 0) -> list[str]:

@@ -77,11 +77,8 @@ class QATask(Task):
     # ------------------------------------------------------------------ data
 
     def builtin_datasets(self):
-        import datasets
-
         v2 = self.cfg.version_2_with_negative
-        return datasets.DatasetDict(train=datasets.Dataset.from_list(builtin_qa(1500, v2, seed=0)),
-                                    validation=datasets.Dataset.from_list(builtin_qa(200, v2, seed=1)))
+        return builtin.splits(builtin_qa(1500, v2, seed=0), builtin_qa(200, v2, seed=1))
 
     def load_raw_datasets(self):
         """SQuAD files as published are nested; flatten them, then split/truncate as usual."""

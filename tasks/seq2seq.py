@@ -74,14 +74,8 @@ class Seq2SeqTask(Task):
     # ------------------------------------------------------------------ data
 
     def builtin_datasets(self):
-        import datasets
-
-        pairs = toy_translation_pairs(2200)
-        train, val = pairs[:2000], pairs[2000:]
-        return datasets.DatasetDict(
-            train=datasets.Dataset.from_dict({"source": [s for s, _ in train], "target": [t for _, t in train]}),
-            validation=datasets.Dataset.from_dict({"source": [s for s, _ in val], "target": [t for _, t in val]}),
-        )
+        rows = [{"source": s, "target": t} for s, t in toy_translation_pairs(2200)]
+        return builtin.splits(rows[:2000], rows[2000:])
 
     def columns(self, ds, split: str = "train") -> tuple[str, str]:
         """(source, target) column names, or ("translation", "translation") for translation records."""

@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from notrainer import builtin
 from notrainer.config import TrainConfig, key
 from notrainer.data import require_columns
 from notrainer.errors import UsageError, check
@@ -70,11 +71,7 @@ class SFTTask(CLMTask):
     # ------------------------------------------------------------------ data
 
     def builtin_datasets(self):
-        import datasets
-
-        train, validation = builtin_instructions()
-        return datasets.DatasetDict(train=datasets.Dataset.from_list(train),
-                                    validation=datasets.Dataset.from_list(validation))
+        return builtin.splits(*builtin_instructions())
 
     def tokenizer_texts(self, raw):
         ds = raw["train"]

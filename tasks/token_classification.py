@@ -22,6 +22,7 @@ from typing import Optional
 
 import numpy as np
 
+from notrainer import builtin
 from notrainer.config import TrainConfig, key
 from notrainer.data import require_columns
 from notrainer.errors import UsageError, check
@@ -69,13 +70,8 @@ class TokenClassificationTask(Task):
     # ------------------------------------------------------------------ data
 
     def builtin_datasets(self):
-        import datasets
-
         rows = builtin_ner_sentences(1000, seed=0)
-        return datasets.DatasetDict(
-            train=datasets.Dataset.from_list(rows[:850]),
-            validation=datasets.Dataset.from_list(rows[850:]),
-        )
+        return builtin.splits(rows[:850], rows[850:])
 
     def load_raw_datasets(self):
         raw = super().load_raw_datasets()
