@@ -123,7 +123,7 @@ def run_notrainer(args, ds, clock: StepClock, fast: bool) -> float:
     from notrainer import Loop
     from notrainer.loop import make_accelerator
     from notrainer.optim import build_optimizer, scheduler_factory
-    from tasks.clm import CLMConfig, CLMTask
+    from notrainer.tasks.clm import CLMConfig, CLMTask
 
     out = tempfile.mkdtemp(prefix="bench-notrainer-")
     # What the CLI does with `task=clm mixed_precision=... [torch_compile=true chunked_loss=true]`.

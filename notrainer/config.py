@@ -4,7 +4,11 @@ Keys are flat and named as in the Hugging Face `run_*_no_trainer.py` scripts and
 `TrainingArguments`; only optional features are nested (`lora.r`). A task adds its own keys
 by subclassing `TrainConfig` (see `tasks/clm.py`).
 
-    cfg, task_cls = parse_args(["task=clm", "learning_rate=3e-4", "config=run.yaml"])
+    pairs, file_cfg, _ = read_argv(["task=clm", "learning_rate=3e-4", "config=run.yaml"])
+    cfg = make_config(CLMConfig, pairs, file_cfg, "clm")
+
+The CLI (`notrainer.run.parse_args`) picks the task's config class from the task registry;
+this module never imports a task.
 
 Precedence: dataclass defaults < the YAML file given as `config=` < `key=value` pairs.
 """
@@ -21,7 +25,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import UsageError, check
+from .errors import UsageError, check, first_line
 
 
 def key(default: Any, help: str, group: str = "") -> Any:  # noqa: A002 - mirrors argparse
@@ -230,17 +234,12 @@ def _split_argv(argv: list[str]) -> tuple[list[str], bool]:
     return pairs, want_help
 
 
-def parse_args(argv: list[str] | None = None):
-    """Parse `key=value` arguments (and an optional `config=file.yaml`) into the task's config.
-
-    Returns (config, task_class). Prints help and exits when asked with --help.
-    """
-    from tasks import resolve_task  # tasks import notrainer; import here to avoid a cycle
-
+def read_argv(argv: list[str] | None = None):
+    """The command line as (key=value pairs, the `config=` YAML file as a config, whether --help
+    was asked). Nothing is checked against a schema yet: that needs the task's config class."""
     argv = list(sys.argv[1:] if argv is None else argv)
     pairs, want_help = _split_argv(argv)
     given = dict(p.split("=", 1) for p in pairs)
-
     file_cfg = OmegaConf.create()
     if given.get("config"):
         path = given["config"]
@@ -248,17 +247,24 @@ def parse_args(argv: list[str] | None = None):
         try:
             file_cfg = OmegaConf.load(path)
         except Exception as e:  # yaml errors carry multi-line context; keep the first line
-            raise UsageError(f"config={path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise UsageError(f"config={path}: not valid YAML ({first_line(e)})") from None
         check(isinstance(file_cfg, type(OmegaConf.create())), f"config={path}: expected a mapping of key: value")
+    return pairs, file_cfg, want_help
 
-    task_name = given.get("task") or file_cfg.get("task") or TrainConfig.task
-    task_cls = resolve_task(task_name)
-    config_cls = task_cls.Config
 
-    if want_help:
-        print(help_text(config_cls, task_cls))
-        raise SystemExit(0)
+def requested_task(pairs: list[str], file_cfg) -> str:
+    """The `task=` value: from the command line, else the YAML file, else the default."""
+    given = dict(p.split("=", 1) for p in pairs)
+    return given.get("task") or file_cfg.get("task") or TrainConfig.task
 
+
+def make_config(config_cls: type, pairs: list[str], file_cfg, task_name: str,
+                embedded_defaults: dict | None = None):
+    """Merge defaults < YAML file < key=value pairs into `config_cls`, then validate.
+
+    The embedded default (no model given) trains a tiny model from scratch, which wants other
+    settings than fine-tuning (a higher learning rate, more epochs): `embedded_defaults` supplies
+    them, and anything the user set explicitly wins."""
     schema = OmegaConf.structured(config_cls)
     try:
         merged = OmegaConf.merge(schema, file_cfg, _dotlist(pairs, config_cls))
@@ -266,16 +272,13 @@ def parse_args(argv: list[str] | None = None):
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise UsageError(_explain(e, config_cls)) from None
-    # The embedded default (no model given) trains a tiny model from scratch, which wants other
-    # settings than fine-tuning (a higher learning rate, more epochs): the task supplies them,
-    # and anything the user set explicitly wins.
     if cfg.model_name_or_path is None and cfg.config_name is None:
         given_keys = {p.split("=", 1)[0] for p in pairs} | set(OmegaConf.to_container(file_cfg).keys())
-        for name, value in getattr(task_cls, "embedded_defaults", {}).items():
+        for name, value in (embedded_defaults or {}).items():
             if name not in given_keys:
                 setattr(cfg, name, value)
     cfg.validate()
-    return cfg, task_cls
+    return cfg
 
 
 def _dotlist(pairs: list[str], config_cls: type):

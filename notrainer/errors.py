@@ -14,3 +14,9 @@ def check(condition: bool, message: str) -> None:
     """Raise `UsageError(message)` unless `condition` holds."""
     if not condition:
         raise UsageError(message)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (libraries add multi-line context), or its type."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

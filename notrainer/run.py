@@ -42,6 +42,57 @@ def _is_rank0() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
 
 
+# ---------------------------------------------------------------------- the task registry
+
+#: built-in task name -> "module:Class"
+BUILTIN_TASKS = {
+    "clm": "notrainer.tasks.clm:CLMTask",
+    "sft": "notrainer.tasks.sft:SFTTask",
+    "mlm": "notrainer.tasks.mlm:MLMTask",
+    "classification": "notrainer.tasks.classification:ClassificationTask",
+    "token_classification": "notrainer.tasks.token_classification:TokenClassificationTask",
+    "seq2seq": "notrainer.tasks.seq2seq:Seq2SeqTask",
+    "qa": "notrainer.tasks.qa:QATask",
+}
+
+
+def resolve_task(name: str):
+    """A task name or 'module:Class' spec -> the Task subclass."""
+    from .errors import check
+    from .imports import import_object
+    from .tasks.base import Task
+
+    if name in BUILTIN_TASKS:
+        spec = BUILTIN_TASKS[name]
+    elif ":" in name:
+        spec = name
+    else:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(BUILTIN_TASKS), n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UsageError(f"unknown task {name!r}{hint}; built-in tasks: {', '.join(BUILTIN_TASKS)}, "
+                         "or 'pkg.module:Class' / 'path/file.py:Class' for your own")
+    cls = import_object(spec, "task")
+    check(isinstance(cls, type) and issubclass(cls, Task),
+          f"task={name!r}: {spec} is not a subclass of notrainer.tasks.base.Task")
+    return cls
+
+
+def parse_args(argv: list[str] | None = None):
+    """`key=value` arguments (and an optional `config=file.yaml`) -> (config, task class).
+    Prints help and exits when asked with --help."""
+    from .config import help_text, make_config, read_argv, requested_task
+
+    pairs, file_cfg, want_help = read_argv(argv)
+    name = requested_task(pairs, file_cfg)
+    task_cls = resolve_task(name)
+    if want_help:
+        print(help_text(task_cls.Config, task_cls))
+        raise SystemExit(0)
+    return make_config(task_cls.Config, pairs, file_cfg, name, task_cls.embedded_defaults), task_cls
+
+
 def check_output_dir(cfg) -> None:
     """Never silently mix a new run into an old one, and never delete without being asked."""
     from .checkpoint import check_task, checkpoint_root, list_checkpoints, resolve
@@ -161,8 +212,6 @@ def build(cfg, task_cls):
 
 
 def run(argv: list[str] | None = None) -> dict:
-    from .config import parse_args
-
     cfg, task_cls = parse_args(argv)
     cfg.output_dir = cfg.resolved_output_dir()
     check_output_dir(cfg)

@@ -3,7 +3,7 @@
 import pytest
 
 from notrainer.builtin import train_tokenizer
-from tasks.clm import builtin_corpus
+from notrainer.tasks.clm import builtin_corpus
 
 
 @pytest.mark.parametrize("style", ["bert", "gpt"])

@@ -211,7 +211,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_last_checkpoint(tmp_
 
 
 NAN_TASK = '''
-from tasks.clm import CLMTask
+from notrainer.tasks.clm import CLMTask
 
 class NaNCLM(CLMTask):
     def loss(self, model, batch):
@@ -250,7 +250,7 @@ def test_resume_missing_folder_exits_2_with_one_line(tmp_path, capsys):
 def test_resume_from_another_task_changes_nothing(run8, tmp_path):
     out = _copy(run8, tmp_path / "run")
     other = tmp_path / "other_task.py"
-    other.write_text("from tasks.clm import CLMTask\n\nclass OtherCLM(CLMTask):\n    pass\n")
+    other.write_text("from notrainer.tasks.clm import CLMTask\n\nclass OtherCLM(CLMTask):\n    pass\n")
     before = _snapshot(out)
     with pytest.raises(UsageError, match=r"step_8 is a checkpoint of task=clm, not task=.*OtherCLM"):
         run_cli(f"task={other}:OtherCLM", "resume_from_checkpoint=auto", output_dir=out)
@@ -289,14 +289,14 @@ def test_resume_auto_without_checkpoint_starts_fresh_and_says_so(tmp_path, capsy
     ("early_stopping_threshold=-1", "early_stopping_threshold must be >= 0"),
 ])
 def test_bad_checkpoint_keys(arg, message):
-    from notrainer.config import parse_args
+    from notrainer.run import parse_args
 
     with pytest.raises(UsageError, match=message):
         parse_args(["task=clm", arg])
 
 
 def test_best_metric_needs_evaluation():
-    from notrainer.config import parse_args
+    from notrainer.run import parse_args
 
     with pytest.raises(UsageError, match="need evaluation: set do_eval=true"):
         parse_args(["task=clm", "load_best_model_at_end=true", "do_eval=false"])

@@ -11,7 +11,7 @@ import pytest
 from conftest import cli_subprocess, read_results, run_cli
 
 from notrainer.errors import UsageError
-from tasks.classification import TOPICS, builtin_topic_sentences
+from notrainer.tasks.classification import TOPICS, builtin_topic_sentences
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_multi_label_lists(tmp_path):
 
 
 def test_parquet_string_labels_and_prediction_format(tmp_path):
-    from tasks.classification import ClassificationTask
+    from notrainer.tasks.classification import ClassificationTask
 
     rows = builtin_topic_sentences(40, seed=3)
     train = write_rows(tmp_path / "train.parquet", rows)
@@ -139,7 +139,7 @@ def test_parquet_string_labels_and_prediction_format(tmp_path):
                   output_dir=tmp_path / "out")
     assert res["eval_samples"] == 8
     import numpy as np
-    from notrainer.config import parse_args
+    from notrainer.run import parse_args
 
     cfg, _ = parse_args(["task=classification", f"train_file={train}"])
     task = ClassificationTask(cfg)
@@ -237,8 +237,8 @@ def test_prediction_mode_writes_label_names_in_test_file_order(trained, tmp_path
 def test_fine_tuned_head_keeps_its_label_ids(tmp_path):
     from transformers import BertConfig
 
-    from notrainer.config import parse_args
-    from tasks.classification import check_head_size
+    from notrainer.run import parse_args
+    from notrainer.tasks.classification import check_head_size
 
     BertConfig(architectures=["BertForSequenceClassification"], id2label={0: "pos", 1: "neg"},
                label2id={"pos": 0, "neg": 1}).save_pretrained(tmp_path)

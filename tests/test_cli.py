@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO, run_cli
 from notrainer import UsageError
-from notrainer.config import parse_args
+from notrainer.run import parse_args
 
 
 def test_help_lists_every_key_with_default_and_doc():
@@ -84,7 +84,7 @@ def test_block_size_larger_than_the_model(tmp_path):
 
 def test_tokenizer_without_pad_token_where_padding_is_needed(tmp_path):
     from notrainer.builtin import train_tokenizer
-    from tasks.clm import builtin_corpus
+    from notrainer.tasks.clm import builtin_corpus
 
     tok = train_tokenizer(builtin_corpus(50), style="gpt")
     tok.pad_token = None
@@ -105,7 +105,7 @@ def test_subclassed_task_from_a_file(tmp_path):
     """task=path/file.py:Class runs a user's subclass; its collator is the one used."""
     (tmp_path / "my_task.py").write_text(textwrap.dedent('''
         import torch
-        from tasks.clm import CLMTask
+        from notrainer.tasks.clm import CLMTask
 
         class OnlySecondHalf(CLMTask):
             """Train only on the second half of each block."""
@@ -132,7 +132,7 @@ def test_subclassed_task_from_a_file(tmp_path):
 
 def test_subclassed_task_from_a_module(tmp_path, monkeypatch):
     (tmp_path / "my_pkg_tasks.py").write_text(textwrap.dedent('''
-        from tasks.clm import CLMTask
+        from notrainer.tasks.clm import CLMTask
 
         class Tiny(CLMTask):
             embedded_defaults = {**CLMTask.embedded_defaults, "block_size": 16}
@@ -140,5 +140,5 @@ def test_subclassed_task_from_a_module(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg, task_cls = parse_args(["task=my_pkg_tasks:Tiny"])
     assert task_cls.__name__ == "Tiny" and cfg.block_size == 16
-    with pytest.raises(UsageError, match="not a subclass of tasks.base.Task"):
+    with pytest.raises(UsageError, match="not a subclass of notrainer.tasks.base.Task"):
         parse_args(["task=json:dumps"])

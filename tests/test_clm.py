@@ -28,7 +28,7 @@ def test_embedded_default_learns_and_exports(tmp_path):
 
 
 def test_own_text_files_and_yaml_config(tmp_path):
-    from tasks.clm import builtin_corpus
+    from notrainer.tasks.clm import builtin_corpus
 
     docs = builtin_corpus(120, seed=3)
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps({"body": d}) for d in docs[:100]))
@@ -44,7 +44,7 @@ def test_own_text_files_and_yaml_config(tmp_path):
 
 
 def test_plain_text_file_with_held_out_split(tmp_path):
-    from tasks.clm import builtin_corpus
+    from notrainer.tasks.clm import builtin_corpus
 
     (tmp_path / "corpus.txt").write_text("\n".join(builtin_corpus(200, seed=5)))
     results = run_cli("task=clm", f"train_file={tmp_path / 'corpus.txt'}", "validation_split_percentage=10",

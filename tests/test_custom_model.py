@@ -26,7 +26,7 @@ def trained(tmp_path_factory):
 
 
 def _module():
-    from tasks.base import import_object
+    from notrainer.imports import import_object
 
     return sys.modules[import_object(f"{REPO / SPEC}", "model_class").__module__]
 

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from conftest import reset_accelerate_state
 from notrainer import Loop
-from tasks.clm import CLMTask
+from notrainer.tasks.clm import CLMTask
 
 
 def _model():

@@ -24,7 +24,7 @@ def base_folder(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     from notrainer.builtin import tiny_config
-    from notrainer.config import parse_args
+    from notrainer.run import parse_args
 
     cfg, task_cls = parse_args(["task=sft"])
     task = task_cls(cfg)

@@ -168,7 +168,7 @@ def _save_tiny_gemma2(folder):
     from transformers import AutoConfig
 
     from notrainer.builtin import train_tokenizer
-    from tasks.clm import builtin_corpus
+    from notrainer.tasks.clm import builtin_corpus
 
     tok = train_tokenizer(builtin_corpus(40), style="gpt")
     tok.save_pretrained(folder)
@@ -208,7 +208,7 @@ def test_cli_chunked_loss_trains_like_the_default_loss(tmp_path):
 def test_sharded_setups_turn_auto_off_and_refuse_true(monkeypatch):
     """Under FSDP / ZeRO-3 (lm_head.weight is a shard outside the forward) auto keeps the plain
     loss even on CUDA, and chunked_loss=true is a usage error naming the reason."""
-    import tasks.clm as clm
+    import notrainer.tasks.clm as clm
 
     monkeypatch.setattr(clm, "_sharded_reason", lambda: "FSDP shards lm_head.weight outside the forward pass")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

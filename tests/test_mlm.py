@@ -8,7 +8,7 @@ import pytest
 from conftest import run_cli
 
 from notrainer import builtin
-from notrainer.config import parse_args
+from notrainer.run import parse_args
 from notrainer.errors import UsageError
 
 
@@ -36,7 +36,7 @@ def test_eval_perplexity_is_the_same_on_every_run(trained, tmp_path):
     """Eval masks are drawn once per row from (seed, row): batch size does not change them."""
     out, _ = trained
     val = tmp_path / "val.txt"
-    from tasks.clm import builtin_corpus
+    from notrainer.tasks.clm import builtin_corpus
 
     val.write_text("\n".join(builtin_corpus(30, seed=5)) + "\n")
     args = ["task=mlm", f"model_name_or_path={out}", f"validation_file={val}", "do_train=false", "max_seq_length=32"]
@@ -90,7 +90,7 @@ def test_concatenate_and_chunk_and_line_by_line(tmp_path):
 def test_num_items_counts_masked_tokens(tmp_path):
     import torch
 
-    from tasks.mlm import MLMTask
+    from notrainer.tasks.mlm import MLMTask
 
     cfg, _ = parse_args(["task=mlm"])
     labels = torch.tensor([[-100, 5, -100, 7], [3, -100, -100, -100]])

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import run_cli
 from notrainer import Loop
-from notrainer.config import parse_args
+from notrainer.run import parse_args
 from notrainer.errors import UsageError
 
 
@@ -67,7 +67,7 @@ def test_clm_predicts_the_loss_of_each_line(tmp_path):
 
 def test_a_task_without_prediction_mode_is_refused_before_training(tmp_path):
     task_file = tmp_path / "my_task.py"
-    task_file.write_text("from tasks.clm import CLMTask\nfrom tasks.base import Task\n\n"
+    task_file.write_text("from notrainer.tasks.clm import CLMTask\nfrom notrainer.tasks.base import Task\n\n"
                          "class NoPredict(CLMTask):\n    format_predictions = Task.format_predictions\n")
     test = tmp_path / "test.txt"
     test.write_text("the cat sees the dog .\n" * 50)

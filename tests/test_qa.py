@@ -9,7 +9,7 @@ import torch
 
 from conftest import reset_accelerate_state, read_results, run_cli
 from notrainer.errors import UsageError
-from tasks.qa import builtin_qa
+from notrainer.tasks.qa import builtin_qa
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
@@ -87,7 +87,7 @@ def test_squad_json_as_published_with_contexts_split_in_windows(trained, tmp_pat
     records = builtin_qa(60, seed=7)
     val = tmp_path / "dev.json"
     val.write_text(json.dumps(squad_nested(records)))
-    from tasks.qa import QAConfig, QATask
+    from notrainer.tasks.qa import QAConfig, QATask
 
     results = run_cli("task=qa", "do_train=false", f"model_name_or_path={model_dir}", f"validation_file={val}",
                       "max_seq_length=32", "doc_stride=12", output_dir=tmp_path / "windows")
@@ -166,7 +166,7 @@ def test_bad_input_is_one_clear_line(tmp_path):
 
 
 def test_the_three_file_layouts_read_the_same(tmp_path):
-    from tasks.qa import load_qa_file
+    from notrainer.tasks.qa import load_qa_file
 
     records = builtin_qa(6, version_2=True, seed=2)
     nested = tmp_path / "nested.json"

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tasks.qa_postprocess import Feature, postprocess_predictions
+from notrainer.tasks.qa_postprocess import Feature, postprocess_predictions
 
 CONTEXT = "aa bb cc dd ee"  # aa=(0,2) bb=(3,5) cc=(6,8) dd=(9,11) ee=(12,14)
 Q = [None, None, None]  # [CLS] question [SEP]: outside the context

@@ -21,7 +21,7 @@ from conftest import CPU_ENV, REPO, launch_command, one_thread, read_results, ru
 # two checkpoints; the numbers are those of task=clm.
 SLOW_TASK = '''
 import os, time
-from tasks.clm import CLMTask
+from notrainer.tasks.clm import CLMTask
 
 class SlowCLM(CLMTask):
     def loss(self, model, batch):
@@ -200,7 +200,7 @@ def test_resume_from_a_step_checkpoint_on_the_last_window_of_an_epoch(tmp_path, 
 RANDOM_COLLATOR_TASK = '''
 import torch
 from transformers import default_data_collator
-from tasks.clm import CLMTask
+from notrainer.tasks.clm import CLMTask
 
 class MaskingCLM(CLMTask):
     """Draws from the global torch RNG while collating, like MLM masking does."""

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import reset_accelerate_state, cli_subprocess, read_results, run_cli
 from notrainer.errors import UsageError
-from tasks.seq2seq import toy_translation_pairs
+from notrainer.tasks.seq2seq import toy_translation_pairs
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from notrainer.errors import UsageError
-from tasks.sft import SIMPLE_CHAT_TEMPLATE, SFTTask, builtin_instructions, render_chat, render_prompt_response, tokenize_with_labels
+from notrainer.tasks.sft import SIMPLE_CHAT_TEMPLATE, SFTTask, builtin_instructions, render_chat, render_prompt_response, tokenize_with_labels
 
 from conftest import cli_subprocess, run_cli
 
@@ -17,7 +17,7 @@ FAST = ("max_train_samples=64", "max_eval_samples=32", "logging_steps=1000")
 
 
 def _task(*args: str) -> SFTTask:
-    from notrainer.config import parse_args
+    from notrainer.run import parse_args
 
     cfg, task_cls = parse_args(["task=sft", *args])
     return task_cls(cfg)

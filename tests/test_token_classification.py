@@ -8,9 +8,9 @@ import pytest
 from conftest import cli_subprocess, read_results, run_cli
 
 from notrainer import builtin
-from notrainer.config import parse_args
+from notrainer.run import parse_args
 from notrainer.errors import UsageError
-from tasks.token_classification import builtin_ner_sentences
+from notrainer.tasks.token_classification import builtin_ner_sentences
 
 
 @pytest.fixture(scope="module")

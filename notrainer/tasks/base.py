@@ -21,6 +21,7 @@ import torch
 from notrainer import builtin, data
 from notrainer.config import TrainConfig
 from notrainer.errors import UsageError, check
+from notrainer.imports import import_object
 
 
 class Task:
@@ -206,30 +207,6 @@ def safe_exp(x: float | None) -> float:
     if x is None:
         return float("nan")
     return math.exp(x) if x < 700 else float("inf")
-
-
-def import_object(spec: str, what: str):
-    """'pkg.module:Name' or 'path/to/file.py:Name' -> the object."""
-    import importlib.util
-    import os
-    import sys
-
-    check(":" in spec, f"{what}={spec!r}: expected 'pkg.module:Name' or 'path/file.py:Name'")
-    module_part, attr = spec.rsplit(":", 1)
-    if module_part.endswith(".py"):
-        check(os.path.isfile(module_part), f"{what}={spec!r}: no such file {module_part}")
-        mod_name = os.path.splitext(os.path.basename(module_part))[0]
-        loader_spec = importlib.util.spec_from_file_location(mod_name, module_part)
-        module = importlib.util.module_from_spec(loader_spec)
-        sys.modules[mod_name] = module
-        loader_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(module_part)
-        except ModuleNotFoundError as e:
-            raise UsageError(f"{what}={spec!r}: cannot import {e.name!r}") from None
-    check(hasattr(module, attr), f"{what}={spec!r}: {module_part} has no {attr!r}")
-    return getattr(module, attr)
 
 
 def require_pad_token(tokenizer, why: str) -> None:
