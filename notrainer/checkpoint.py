@@ -19,20 +19,16 @@ one is used. Retention (`save_total_limit`) keeps the newest N and always the be
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import re
 import shutil
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+import time
+from typing import Callable
 
-from . import lora
-from .errors import UsageError
-
-if TYPE_CHECKING:
-    from .loop import Loop
+from .errors import UsageError, first_line
+from .state import RunState
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "loop_state.json"
@@ -40,23 +36,6 @@ CONFIG_FILE = "config.yaml"
 COMPLETE_MARK = "COMPLETE"
 MODEL_FILE = "model.safetensors"
 _STEP_RE = re.compile(r"^step_(\d+)$")
-
-
-@dataclass
-class LoopState:
-    """The loop's own counters, saved beside accelerate's state."""
-
-    global_step: int = 0  # optimizer steps taken (skipped non-finite steps included)
-    epoch: int = 0  # epochs completed
-    step_in_epoch: int = 0  # micro-batches consumed in the current epoch
-    tokens_seen: int = 0
-    train_loss_sum: float = 0.0  # sum of logged per-step train losses (for the run's mean)
-    last_eval_step: int = -1
-    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm
-    nonfinite_in_a_row: int = 0
-    best_metric: float | None = None  # best value of metric_for_best_model so far
-    best_step: int = -1  # the step it was measured at; its checkpoint is never deleted
-    evals_without_improvement: int = 0  # for early_stopping_patience
 
 
 def write_json(path: str, data: dict) -> None:
@@ -99,17 +78,18 @@ def list_checkpoints(output_dir: str) -> list[str]:
 # ---------------------------------------------------------------------- saving
 
 
-def save(loop: "Loop") -> str:
+def save(acc, state: RunState, output_dir: str, *, save_total_limit: int | None = None,
+         run_config: dict | None = None) -> str:
     """Write a checkpoint of the current step, atomically; every rank must call it.
 
     Saving the same state twice (a step checkpoint and the epoch-end one, or a preemption
-    right after a scheduled save) writes it once."""
-    acc, state = loop.accelerator, loop.state
+    right after a scheduled save) writes it once. `run_config` is written beside the state as
+    config.yaml (the CLI's resolved config; any dict)."""
     step = state.global_step
-    root = checkpoint_root(loop.output_dir)
+    root = checkpoint_root(output_dir)
     final = os.path.join(root, f"step_{step}")
-    snapshot = dataclasses.asdict(state)
-    if getattr(loop, "_last_saved_state", None) == snapshot and is_complete(final):
+    snapshot = state.counters()
+    if state.last_saved == snapshot and is_complete(final):
         return final
     tmp = os.path.join(root, f".tmp-step_{step}")
     if acc.is_main_process:
@@ -119,11 +99,11 @@ def save(loop: "Loop") -> str:
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     acc.wait_for_everyone()
     acc.save_state(tmp)
-    loop._data_rng.save(tmp, acc.process_index)
+    state.data_rng.save(tmp, acc.process_index)
     acc.wait_for_everyone()  # every rank has written its part
     if acc.is_main_process:
         write_json(os.path.join(tmp, STATE_FILE), snapshot)
-        _write_config(os.path.join(tmp, CONFIG_FILE), loop.config)
+        _write_config(os.path.join(tmp, CONFIG_FILE), run_config)
         # The COMPLETE mark comes last and lists every file with its size: resume checks it.
         write_json(os.path.join(tmp, COMPLETE_MARK), {"step": step, "files": _file_sizes(tmp)})
         if os.path.exists(final):  # same step saved again with a newer state (epoch end)
@@ -134,9 +114,10 @@ def save(loop: "Loop") -> str:
         else:
             os.replace(tmp, final)
         _fsync_dir(root)
-        _apply_retention(loop, step)
+        _apply_retention(output_dir, step, save_total_limit, state.best_step)
     acc.wait_for_everyone()
-    loop._last_saved_state = snapshot
+    state.last_saved = snapshot
+    state.last_checkpoint_time = time.monotonic()
     acc.print(f"checkpoint saved: {final}")
     return final
 
@@ -179,26 +160,25 @@ def _delete_checkpoint(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def best_checkpoint(loop: "Loop") -> str | None:
-    if loop.state.best_step < 0:
+def best_checkpoint(output_dir: str, best_step: int) -> str | None:
+    if best_step < 0:
         return None
-    path = os.path.join(checkpoint_root(loop.output_dir), f"step_{loop.state.best_step}")
+    path = os.path.join(checkpoint_root(output_dir), f"step_{best_step}")
     return path if is_complete(path) else None
 
 
-def _apply_retention(loop: "Loop", step: int) -> None:
-    complete = list_checkpoints(loop.output_dir)
+def _apply_retention(output_dir: str, step: int, limit: int | None, best_step: int) -> None:
+    complete = list_checkpoints(output_dir)
     # Checkpoints past this step belong to a timeline that was abandoned by resuming from an
     # older checkpoint: left in place, resume_from_checkpoint=auto would pick them up.
     for path in complete:
         if step_of(path) > step:
             print(f"removing {path}: newer than this run's step {step} (left by the run resumed before it)")
             _delete_checkpoint(path)
-    limit = loop.save_total_limit
     if not limit:
         return
     complete = [p for p in complete if step_of(p) <= step]
-    best = best_checkpoint(loop)
+    best = best_checkpoint(output_dir, best_step)
     for path in complete[:-limit]:
         if best is None or os.path.abspath(path) != os.path.abspath(best):
             _delete_checkpoint(path)
@@ -235,7 +215,7 @@ def verify(path: str) -> str | None:
             if name.startswith("random_states_"):
                 torch_load_weights_only(os.path.join(path, name))
     except Exception as e:  # noqa: BLE001 - any failure to parse means damaged
-        return f"cannot be read ({_first_line(e)})"
+        return f"cannot be read ({first_line(e)})"
     return None
 
 
@@ -310,37 +290,30 @@ def _safetensors_shapes(file: str) -> dict[str, tuple]:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
 # ---------------------------------------------------------------------- resuming
 
 
-def load(loop: "Loop", path_or_auto: str) -> None:
-    """Restore everything a checkpoint holds. With 'auto', a checkpoint that fails to load
-    (all ranks agree on that) is reported in one line and the previous one is tried."""
+def load(acc, model, state: RunState, output_dir: str, path_or_auto: str) -> None:
+    """Restore everything a checkpoint holds into the prepared objects and `state` (in place).
+    With 'auto', a checkpoint that fails to load (all ranks agree on that) is reported in one
+    line and the previous one is tried. `model` is the prepared (wrapped) model."""
     import torch
 
-    acc = loop.accelerator
-    path = resolve(loop.output_dir, path_or_auto, report=acc.print)
+    path = resolve(output_dir, path_or_auto, report=acc.print)
     if path is None:
-        acc.print(f"resume_from_checkpoint=auto: no checkpoint in {checkpoint_root(loop.output_dir)}, starting fresh")
+        acc.print(f"resume_from_checkpoint=auto: no checkpoint in {checkpoint_root(output_dir)}, starting fresh")
         return
     candidates = [path]
     if path_or_auto == "auto":
-        candidates += [p for p in reversed(list_checkpoints(loop.output_dir)) if step_of(p) < step_of(path)]
-    model = acc.unwrap_model(loop.model)
+        candidates += [p for p in reversed(list_checkpoints(output_dir)) if step_of(p) < step_of(path)]
+    unwrapped = acc.unwrap_model(model)
     for i, path in enumerate(candidates):
-        check_model(path, model)
-        if (loop.config or {}).get("task"):
-            check_task(path, loop.config["task"])
+        check_model(path, unwrapped)
         error = None
         try:
             acc.load_state(path)
         except Exception as e:  # noqa: BLE001 - reported, then the previous checkpoint is tried
-            error = _first_line(e)
+            error = first_line(e)
         failed = torch.tensor(float(error is not None), device=acc.device)
         if acc.num_processes > 1:
             failed = acc.reduce(failed, reduction="sum")
@@ -350,15 +323,11 @@ def load(loop: "Loop", path_or_auto: str) -> None:
             raise UsageError(f"resume_from_checkpoint: {path} could not be loaded ({error or 'on another rank'})")
         acc.print(f"checkpoint {path} could not be loaded ({error or 'on another rank'}); "
                   f"falling back to {candidates[i + 1]}")
-    loop._data_rng.load(path, acc.process_index)
+    state.data_rng.load(path, acc.process_index)
     with open(os.path.join(path, STATE_FILE)) as f:
-        saved = json.load(f)
-    known = {f.name for f in dataclasses.fields(LoopState)}
-    for k, v in saved.items():  # in place: fit() holds a reference to loop.state
-        if k in known:
-            setattr(loop.state, k, v)
-    loop._last_saved_state = dataclasses.asdict(loop.state)
-    acc.print(f"resumed from {path} (step {loop.state.global_step}, epoch {loop.state.epoch})")
+        state.restore_counters(json.load(f))
+    state.last_saved = state.counters()
+    acc.print(f"resumed from {path} (step {state.global_step}, epoch {state.epoch})")
 
 
 def seed_loader(loader, seed: int | None, epoch: int) -> None:
@@ -379,54 +348,6 @@ def seed_loader(loader, seed: int | None, epoch: int) -> None:
     base.generator.manual_seed((seed or 0) * 1_000_003 + epoch)
 
 
-class DataRNG:
-    """The CPU RNG stream the data pipeline draws from, apart from the one the model draws from.
-
-    A collator that draws random numbers (MLM masking) runs inside `next(iterator)`, and
-    accelerate's loader collates one batch ahead: when a checkpoint is taken after batch k, the
-    masks of batch k+1 are already drawn. So each `next` runs on this stream (swapped in and out
-    of torch's global CPU RNG), and a checkpoint saves the stream as it was *before* the last
-    `next`: the resumed run, whose first `next` collates batch k+1 again, draws the same masks.
-    Worker processes (dataloader_num_workers>0) collate with their own RNGs instead."""
-
-    FILE = "data_rng_{}.safetensors"
-
-    def __init__(self, seed: int | None, rank: int):
-        import torch
-
-        g = torch.Generator()
-        g.manual_seed(((seed or 0) * 1_000_003 + 7_919 * rank + 17) % 2**63)
-        self.state = self.before_last = g.get_state()
-
-    def iterate(self, iterator):
-        import torch
-
-        while True:
-            self.before_last = self.state
-            model_state = torch.get_rng_state()
-            torch.set_rng_state(self.state)
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                return
-            finally:
-                self.state = torch.get_rng_state()
-                torch.set_rng_state(model_state)
-            yield batch
-
-    def save(self, folder: str, rank: int) -> None:
-        from safetensors.torch import save_file
-
-        save_file({"cpu": self.before_last}, os.path.join(folder, self.FILE.format(rank)))
-
-    def load(self, folder: str, rank: int) -> None:
-        from safetensors.torch import load_file
-
-        file = os.path.join(folder, self.FILE.format(rank))
-        if os.path.isfile(file):
-            self.state = self.before_last = load_file(file)["cpu"]
-
-
 # ---------------------------------------------------------------------- the best model
 
 
@@ -441,23 +362,21 @@ def resolve_metric(name: str | None, greater_is_better: bool | None) -> tuple[st
     return name, greater_is_better
 
 
-def update_best(loop: "Loop", metrics: dict) -> bool:
-    """Record an evaluation of metric_for_best_model; True when it is the best so far."""
-    name, state = loop.metric_for_best_model, loop.state
+def update_best(state: RunState, metrics: dict, name: str, greater_is_better: bool, threshold: float = 0.0) -> bool:
+    """Record an evaluation of metric `name` in `state`; True when it is the best so far."""
     if name not in metrics:
         known = ", ".join(k for k, v in metrics.items() if isinstance(v, (int, float))) or "none"
         raise UsageError(f"metric_for_best_model={name}: the evaluation has no such metric (it has: {known})")
     value = float(metrics[name])
     best = state.best_metric
-    margin = loop.early_stopping_threshold or 0.0
     if math.isnan(value):
         improved = False
     elif best is None:
         improved = True
-    elif loop.greater_is_better:
-        improved = value > best + margin
+    elif greater_is_better:
+        improved = value > best + threshold
     else:
-        improved = value < best - margin
+        improved = value < best - threshold
     if improved:
         state.best_metric, state.best_step, state.evals_without_improvement = value, state.global_step, 0
     else:
@@ -465,49 +384,48 @@ def update_best(loop: "Loop", metrics: dict) -> bool:
     return improved
 
 
-def restore_best(loop: "Loop") -> bool:
+def restore_best(acc, state: RunState, output_dir: str, metric_name: str) -> bool:
     """Load the best checkpoint's state for the export; False when the current weights are
     the best (or no best checkpoint exists)."""
-    state = loop.state
     if state.best_step < 0 or state.best_step == state.global_step:
         return False
-    path = best_checkpoint(loop)
+    path = best_checkpoint(output_dir, state.best_step)
     if path is None:
-        loop.accelerator.print(f"load_best_model_at_end: no checkpoint of step {state.best_step}; exporting the last weights")
+        acc.print(f"load_best_model_at_end: no checkpoint of step {state.best_step}; exporting the last weights")
         return False
-    loop.accelerator.print(f"load_best_model_at_end: loading {path} ({loop.metric_for_best_model}={state.best_metric:.6g})")
-    loop.accelerator.load_state(path)
+    acc.print(f"load_best_model_at_end: loading {path} ({metric_name}={state.best_metric:.6g})")
+    acc.load_state(path)
     return True
 
 
-def export_model(loop: "Loop") -> None:
-    """Save the final model (and tokenizer) in Hugging Face format at the top of output_dir.
+def write_model(model, state_dict: dict, folder: str) -> None:
+    """The default export: Hugging Face format when the model has save_pretrained, else
+    model.safetensors."""
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(folder, state_dict=state_dict)
+    else:
+        from safetensors.torch import save_model
+
+        save_model(model, os.path.join(folder, MODEL_FILE))  # handles tied (shared) tensors
+
+
+def export_model(acc, model, output_dir: str, write: Callable = write_model) -> None:
+    """Save the final model at the top of output_dir: `write(unwrapped_model, full_state_dict,
+    folder)` decides what is written (the CLI adds the tokenizer and LoRA's adapter/merged
+    folders); every rank takes part, since under ZeRO-3 / FSDP the full weights are gathered here.
 
     Written into a temporary folder first, then moved into place file by file, so an
     interrupted export never leaves a half-written model.safetensors behind.
     """
-    acc = loop.accelerator
     acc.wait_for_everyone()
-    # Every rank takes part: under ZeRO-3 / FSDP the full weights are gathered here.
-    state_dict = acc.get_state_dict(loop.model)
+    state_dict = acc.get_state_dict(model)
     if acc.is_main_process:
-        model = acc.unwrap_model(loop.model)
-        tmp = os.path.join(loop.output_dir, ".tmp-export")
+        tmp = os.path.join(output_dir, ".tmp-export")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        if lora.is_peft_model(model):  # adapter folder (+ merged/ with lora.merge=true)
-            lora.export(model, state_dict, tmp, merge=bool(loop.config.get("lora", {}).get("merge")),
-                        tokenizer=loop.tokenizer, final_dir=loop.output_dir)
-        elif hasattr(model, "save_pretrained"):
-            model.save_pretrained(tmp, state_dict=state_dict)
-        else:
-            from safetensors.torch import save_model
-
-            save_model(model, os.path.join(tmp, "model.safetensors"))
-        if loop.tokenizer is not None and hasattr(loop.tokenizer, "save_pretrained"):
-            loop.tokenizer.save_pretrained(tmp)
+        write(acc.unwrap_model(model), state_dict, tmp)
         for name in os.listdir(tmp):
-            dest = os.path.join(loop.output_dir, name)
+            dest = os.path.join(output_dir, name)
             if os.path.isdir(dest) and not os.path.islink(dest):
                 shutil.rmtree(dest)
             os.replace(os.path.join(tmp, name), dest)

@@ -21,6 +21,8 @@ The loop never sees a task, a tokenizer's internals or a dataset format.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
 import functools
 import math
 import os
@@ -28,7 +30,6 @@ import time
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
-import accelerate.optimizer as _accelerate_optimizer
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (
@@ -40,15 +41,13 @@ from accelerate.utils import (
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import throughput
-from . import guards, preemption
+from . import guards, preemption, throughput
+from .batch import batch_shape, default_num_items, default_num_tokens
+from .config import LoopConfig
 from .errors import UsageError
+from .state import RunState
 
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
-
-# accelerate's optimizer wrapper asks the file system twice per optimizer step whether the
-# optional lomo_optim package is installed (40-90 us each on our CPU); the answer cannot change.
-_accelerate_optimizer.is_lomo_available = functools.cache(_accelerate_optimizer.is_lomo_available)
 
 
 def default_loss_fn(model, batch):
@@ -57,200 +56,160 @@ def default_loss_fn(model, batch):
     return model(**batch).loss
 
 
-def default_num_items(batch) -> int | torch.Tensor:
-    """Examples in a batch: the length of its first tensor."""
-    first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
-    return first.shape[0] if hasattr(first, "shape") else len(first)
-
-
-def default_num_tokens(batch) -> int | torch.Tensor:
-    """Non-padding input tokens, for throughput; 0 when the batch has no token ids."""
-    if isinstance(batch, dict):
-        if "attention_mask" in batch:
-            return batch["attention_mask"].sum()
-        if "input_ids" in batch:
-            return batch["input_ids"].numel()
-    return 0
-
-
-def make_accelerator(
-    output_dir: str,
-    gradient_accumulation_steps: int = 1,
-    mixed_precision: str | None = None,
-    report_to: str = "none",
-    seed: int | None = None,
-    torch_compile: bool = False,
-    torch_compile_mode: str | None = None,
-) -> Accelerator:
-    """The Accelerator the loop runs on. The CLI builds it early (it needs the process
-    layout for data preparation) and hands it to `Loop`."""
-    log_with = {"none": None, "all": "all"}.get(report_to, report_to)
+def make_accelerator(config: LoopConfig | None = None, **settings) -> Accelerator:
+    """The Accelerator the loop runs on, from the loop's settings. The CLI builds it early (it
+    needs the process layout for data preparation) and hands it to `Loop`."""
+    cfg = _loop_config(config, settings)
+    _cache_lomo_check()
+    log_with = {"none": None, "all": "all"}.get(cfg.report_to, cfg.report_to)
     kwargs = {}
-    if torch_compile:
+    if cfg.torch_compile:
         from accelerate.utils import TorchDynamoPlugin
 
-        kwargs["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor", mode=torch_compile_mode or "default")
+        kwargs["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor", mode=cfg.torch_compile_mode or "default")
     return Accelerator(
-        mixed_precision=None if mixed_precision in (None, "no") else mixed_precision,
+        mixed_precision=None if cfg.mixed_precision in (None, "no") else cfg.mixed_precision,
         # We decide when gradients sync (the last micro-batch of each window), so accelerate's
         # dataloader-driven counter is switched off; num_steps still tells DeepSpeed the window.
         gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=gradient_accumulation_steps, sync_with_dataloader=False, adjust_scheduler=False
+            num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False, adjust_scheduler=False
         ),
         # Same permutation on every rank and every resume: the sampler is seeded by (seed, epoch).
         # non_blocking: batches (pinned by the CLI's DataLoader on CUDA) are copied to the GPU
         # without making the host wait for the queued work, so the GPU never idles between steps.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed,
                                                   non_blocking=torch.cuda.is_available()),
         # The scheduler steps once per optimizer step, whatever the number of processes.
         step_scheduler_with_optimizer=False,
         log_with=log_with,
-        project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=os.path.join(output_dir, "logs")),
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir,
+                                            logging_dir=os.path.join(cfg.output_dir, "logs")),
         **kwargs,
     )
 
 
+@functools.cache
+def _cache_lomo_check() -> None:
+    """accelerate's optimizer wrapper asks the file system twice per optimizer step whether the
+    optional lomo_optim package is installed (40-90 us each on our CPU, measured with
+    bench/overhead.py); the answer cannot change within a process, so it is cached once."""
+    import accelerate.optimizer
+
+    accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
+
+
+def _loop_config(config: LoopConfig | None, settings: dict) -> LoopConfig:
+    """`config` (default LoopConfig()) with keyword settings on top; unknown names refused."""
+    names = {f.name for f in dataclasses.fields(LoopConfig)}
+    for name in settings:
+        if name not in names:
+            close = difflib.get_close_matches(name, sorted(names), n=1)
+            raise TypeError(f"Loop got an unknown setting {name!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+    cfg = dataclasses.replace(config, **settings) if config is not None else LoopConfig(**settings)
+    LoopConfig.validate(cfg)
+    return cfg
+
+
 class Loop:
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        train_loader: Iterable,
-        *,
-        loss_fn: LossFn | None = None,
-        eval_loader: Iterable | None = None,
-        predict_loader: Iterable | None = None,
-        scheduler: Any = None,
-        max_train_steps: int | None = None,
-        num_train_epochs: float = 1.0,
-        gradient_accumulation_steps: int = 1,
-        max_grad_norm: float = 1.0,
-        eval_steps: int | None = None,
-        logging_steps: int = 10,
-        checkpointing_steps: int | str | None = None,
-        save_total_limit: int | None = None,
-        resume_from_checkpoint: str | None = None,
-        checkpointing_minutes: float | None = None,
-        metric_for_best_model: str | None = None,
-        greater_is_better: bool | None = None,
-        load_best_model_at_end: bool = False,
-        early_stopping_patience: int | None = None,
-        early_stopping_threshold: float = 0.0,
-        max_nonfinite_steps: int = 10,
-        output_dir: str = "runs/loop",
-        mixed_precision: str = "no",
-        report_to: str = "none",
-        seed: int | None = None,
-        num_items_fn: Callable | None = None,
-        num_tokens_fn: Callable | None = None,
-        eval_fn: Callable | None = None,
-        metrics_fn: Callable | None = None,
-        tokenizer: Any = None,
-        config: dict | None = None,
-        accelerator: Accelerator | None = None,
-        export: bool = True,
-        progress: bool = True,
-        peak_tflops: float | None = None,
-    ):
-        self.output_dir = output_dir
-        self.accelerator = accelerator or make_accelerator(
-            output_dir, gradient_accumulation_steps, mixed_precision, report_to, seed
-        )
-        acc = self.accelerator
+    """Train `model` with `optimizer` on `train_loader`; settings as a `LoopConfig` (`config=`)
+    and/or keyword arguments named as its fields (`max_train_steps=1000, output_dir="runs/x"`).
+
+    `export`: how the final model is written (`write(model, state_dict, folder)`, default
+    `checkpoint.write_model`), or False for none. `run_config`: a dict recorded with every
+    checkpoint (config.yaml) and sent to the trackers."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_loader: Iterable, *,
+                 loss_fn: LossFn | None = None, eval_loader: Iterable | None = None,
+                 predict_loader: Iterable | None = None, scheduler: Any = None,
+                 num_items_fn: Callable | None = None, num_tokens_fn: Callable | None = None,
+                 eval_fn: Callable | None = None, metrics_fn: Callable | None = None,
+                 accelerator: Accelerator | None = None, config: LoopConfig | None = None,
+                 export: Callable | bool = True, run_config: dict | None = None, **settings):
+        self.config = cfg = _loop_config(config, settings)
+        self.output_dir, self.run_config = cfg.output_dir, run_config or {}
+        self.accelerator = acc = accelerator or make_accelerator(cfg)
         self.gradient_accumulation_steps = acc.gradient_accumulation_steps
-        self.report_to = report_to
         self.loss_fn = loss_fn or default_loss_fn
         self.num_items_fn = num_items_fn or default_num_items
         self.num_tokens_fn = num_tokens_fn or default_num_tokens
-        self.eval_fn = eval_fn
-        self.metrics_fn = metrics_fn
-        self.tokenizer = tokenizer
-        self.config = config or {}
-        self.max_grad_norm = max_grad_norm
-        self.eval_steps = eval_steps
-        self.logging_steps = logging_steps
-        self.checkpointing_steps = checkpointing_steps
-        self.save_total_limit = save_total_limit
-        self.resume_from_checkpoint = resume_from_checkpoint
-        self.checkpointing_minutes = checkpointing_minutes
-        self.max_nonfinite_steps = max_nonfinite_steps
-        self.seed = seed
-        # The best model: tracked when a metric is named (load_best and early stopping default
+        self.eval_fn, self.metrics_fn = eval_fn, metrics_fn
+        self.write_model = ckpt.write_model if export is True else export or None
+        # The best model is tracked when a metric is named (load_best and early stopping default
         # to eval_loss, as in TrainingArguments).
-        if (load_best_model_at_end or early_stopping_patience) and not metric_for_best_model:
-            metric_for_best_model = "eval_loss"
-        self.metric_for_best_model, self.greater_is_better = ckpt.resolve_metric(metric_for_best_model, greater_is_better)
-        self.load_best_model_at_end = load_best_model_at_end
-        self.early_stopping_patience = early_stopping_patience
-        self.early_stopping_threshold = early_stopping_threshold
+        metric = cfg.metric_for_best_model or (
+            "eval_loss" if cfg.load_best_model_at_end or cfg.early_stopping_patience else None)
+        self.metric_for_best_model, self.greater_is_better = ckpt.resolve_metric(metric, cfg.greater_is_better)
         if self.metric_for_best_model and eval_loader is None:
             raise UsageError(f"metric_for_best_model={self.metric_for_best_model} (or load_best_model_at_end / "
                              "early_stopping_patience) needs evaluation data: do_eval=true and a validation set")
-        self.export_model = export
-        self.progress = progress
 
         # FLOPs per token are counted on the unwrapped model, before FSDP/DeepSpeed shard it.
-        self.meter = throughput.Meter(model, peak_tflops, acc.device)
-        self._log_seq_len = 0
-
+        self.meter = throughput.Meter(model, cfg.peak_tflops, acc.device)
         # prepare: wrap for DDP/FSDP/DeepSpeed, move to device, shard the dataloaders.
-        if eval_loader is not None:
-            model, optimizer, train_loader, eval_loader = acc.prepare(model, optimizer, train_loader, eval_loader)
-        else:
-            model, optimizer, train_loader = acc.prepare(model, optimizer, train_loader)
-        self.model, self.optimizer, self.train_loader, self.eval_loader = model, optimizer, train_loader, eval_loader
+        prepared = acc.prepare(model, optimizer, train_loader, *([eval_loader] if eval_loader is not None else []))
+        self.model, self.optimizer, self.train_loader = prepared[:3]
+        self.eval_loader = prepared[3] if eval_loader is not None else None
         self.predict_loader = predict_loader  # prepared when predict() runs
-        if eval_loader is not None:  # evaluating must not move the RNG that training draws from
-            ckpt.seed_loader(eval_loader, seed, 0)
+        if self.eval_loader is not None:  # evaluating must not move the RNG that training draws from
+            ckpt.seed_loader(self.eval_loader, cfg.seed, 0)
 
         # Optimizer steps per epoch count the last, shorter accumulation window too.
         try:
-            self.steps_per_epoch = math.ceil(len(train_loader) / self.gradient_accumulation_steps)
+            self.steps_per_epoch = math.ceil(len(self.train_loader) / self.gradient_accumulation_steps)
         except TypeError:  # an IterableDataset has no length
             self.steps_per_epoch = None
-        if max_train_steps is None:
-            if self.steps_per_epoch is None:
-                raise ValueError("max_train_steps is required when the train loader has no length")
-            max_train_steps = max(1, math.ceil(num_train_epochs * self.steps_per_epoch))
-        self.max_train_steps = max_train_steps
-
+        if cfg.max_train_steps is None and self.steps_per_epoch is None:
+            raise UsageError("max_train_steps is required when the train loader has no length")
+        self.max_train_steps = cfg.max_train_steps or max(1, math.ceil(cfg.num_train_epochs * self.steps_per_epoch))
         # A scheduler may come as a factory of (optimizer, total optimizer steps): the total
         # is only known now, after the dataloader was sharded across processes.
         if callable(scheduler) and not hasattr(scheduler, "step"):
-            scheduler = scheduler(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, max_train_steps)
+            scheduler = scheduler(getattr(self.optimizer, "optimizer", self.optimizer), self.max_train_steps)
         self.scheduler = acc.prepare(scheduler) if scheduler is not None else None
 
-        # Counters: everything needed to continue exactly where a checkpoint left off.
-        self.state = ckpt.LoopState()
+        # Everything needed to continue exactly where a checkpoint left off, in one object.
+        self.state = RunState.fresh(cfg.seed, acc.process_index)
         self.results: dict[str, float] = {}
-        # Why training stops before max_train_steps ("preempted", "early stopping"), and the
-        # step-boundary requests that lead to a checkpoint.
-        self._stop: str | None = None
+        self._stop: str | None = None  # why training stops early: "preempted", "early stopping"
+        self._checkpoint_requested = False  # a timed checkpoint or a new best, due at this step's end
         self._signals: preemption.StopSignal | None = None
-        self._last_checkpoint_time = time.monotonic()
-        self._timed_checkpoint_due = self._best_needs_checkpoint = False
-        self._data_rng = ckpt.DataRNG(seed, acc.process_index)
+        self._log_seq_len = 0
 
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> dict[str, float]:
-        acc, state = self.accelerator, self.state
-        if self.resume_from_checkpoint:
-            self.load_checkpoint(self.resume_from_checkpoint)
-        if self.report_to != "none":
-            acc.init_trackers("notrainer", config=_scalars(self.config))
+        acc, state, cfg = self.accelerator, self.state, self.config
+        if cfg.resume_from_checkpoint:
+            self.load_checkpoint(cfg.resume_from_checkpoint)
+        if cfg.report_to != "none":
+            acc.init_trackers("notrainer", config=_scalars(self.run_config))
         acc.print(f"training on {acc.num_processes} process(es) ({acc.distributed_type.value}): "
                   f"{self.max_train_steps} optimizer steps of {self.gradient_accumulation_steps} micro-batch(es)")
-
-        self._bar = bar = tqdm(total=self.max_train_steps, initial=state.global_step, desc="train",
-                               disable=not (self.progress and acc.is_local_main_process), dynamic_ncols=True)
-        self.model.train()
-        start, start_step, start_tokens = time.perf_counter(), state.global_step, state.tokens_seen
-        self._log_reset()
+        bar = tqdm(total=self.max_train_steps, initial=state.global_step, desc="train",
+                   disable=not (cfg.progress and acc.is_local_main_process), dynamic_ncols=True)
         # SIGTERM, SIGINT and SIGUSR1 only raise a flag: the loop checkpoints at the next step
         # boundary and exits with preemption.EXIT_PREEMPTED (see docs/checkpointing.md).
         self._signals = preemption.StopSignal().install()
-        self._last_checkpoint_time = time.monotonic()
+        # Every way out of training (done, preempted, diverged, an error in a metric) passes
+        # here: the user's signal handlers come back, the bar and the trackers are closed.
+        try:
+            self._train(bar)
+        finally:
+            self._signals.restore()
+            bar.close()
+            # Trackers only: accelerator.end_training() would also destroy the process group,
+            # which belongs to whoever launched the processes (the CLI tears it down last).
+            for tracker in acc.trackers:
+                tracker.finish()
+            acc.trackers = []
+        return self.results
+
+    def _train(self, bar) -> None:
+        acc, state, cfg = self.accelerator, self.state, self.config
+        self.model.train()
+        start, start_step, start_tokens = time.perf_counter(), state.global_step, state.tokens_seen
+        self._log_reset()
+        state.last_checkpoint_time = time.monotonic()
 
         while state.global_step < self.max_train_steps and not self._stop:
             # The sampler is seeded by (seed, epoch); on resume, skip the batches this epoch
@@ -258,12 +217,12 @@ class Loop:
             # loader's worker seed comes from its own generator, not from dropout's RNG.
             if hasattr(self.train_loader, "set_epoch"):
                 self.train_loader.set_epoch(state.epoch)
-            ckpt.seed_loader(self.train_loader, self.seed, state.epoch)
+            ckpt.seed_loader(self.train_loader, cfg.seed, state.epoch)
             loader = self.train_loader
             if state.step_in_epoch:
                 loader = acc.skip_first_batches(self.train_loader, state.step_in_epoch)
             # Collators draw (e.g. MLM masks) from a CPU RNG stream of their own, saved in checkpoints.
-            batches = self._data_rng.iterate(iter(loader))
+            batches = state.data_rng.iterate(iter(loader))
 
             while state.global_step < self.max_train_steps:
                 window = _take(batches, self.gradient_accumulation_steps)
@@ -274,9 +233,9 @@ class Loop:
                 state.global_step += 1
                 bar.update(1)
 
-                if state.global_step % self.logging_steps == 0:
+                if state.global_step % cfg.logging_steps == 0:
                     bar.set_postfix(self._log_flush(), refresh=False)
-                if self.eval_steps and state.global_step % self.eval_steps == 0:
+                if cfg.eval_steps and state.global_step % cfg.eval_steps == 0:
                     self.evaluate()
                 if self._checkpoint_due():
                     self.save_checkpoint()
@@ -290,7 +249,7 @@ class Loop:
             # The epoch is over.
             state.epoch += 1
             state.step_in_epoch = 0
-            if self.eval_loader is not None and not self.eval_steps:
+            if self.eval_loader is not None and not cfg.eval_steps:
                 self.evaluate()
             if self._checkpoint_due(epoch_end=True):
                 self.save_checkpoint()
@@ -298,12 +257,8 @@ class Loop:
         if self._stop == "preempted":
             # Checkpoint (a no-op when this step was just saved) and exit for a requeue.
             path = self.save_checkpoint()
-            bar.close()
-            acc.end_training()
-            self._signals.restore()
             raise preemption.Preempted(f"stopped by {self._signals.received} at step {state.global_step}; "
                                        f"checkpoint {path}; resume_from_checkpoint=auto continues")
-        self._signals.restore()
         if self._log_steps:
             bar.set_postfix(self._log_flush(), refresh=False)
         bar.close()
@@ -327,13 +282,11 @@ class Loop:
             if self._stop:
                 self.results["stopped_early_at_step"] = state.global_step
         # The exported model is the best one; its metrics are the ones reported.
-        if self.load_best_model_at_end and ckpt.restore_best(self):
+        if cfg.load_best_model_at_end and ckpt.restore_best(acc, state, self.output_dir, self.metric_for_best_model):
             self.evaluate()
-        if self.export_model:
+        if self.write_model is not None:
             self.export()
         self.write_results()
-        acc.end_training()
-        return self.results
 
     def train_step(self, window: list) -> None:
         """One optimizer step over a window of micro-batches.
@@ -365,23 +318,26 @@ class Loop:
                 acc.backward(weighted * undo_ga, **backward_kwargs)
             step_loss += weighted.detach()
             self._log_tokens += _on_device(self.num_tokens_fn(batch), acc.device, torch.float64)
-            rows, self._log_seq_len = throughput.batch_shape(batch)  # shapes only: no device sync
+            rows, self._log_seq_len = batch_shape(batch)  # shapes only: no device sync
             self._log_samples += rows
             del loss, weighted  # keep nothing of this micro-batch alive into the next one
 
         grad_norm = None
-        if self.max_grad_norm and self.max_grad_norm > 0:
-            grad_norm = acc.clip_grad_norm_(model.parameters(), self.max_grad_norm)
+        if self.config.max_grad_norm > 0:
+            grad_norm = acc.clip_grad_norm_(model.parameters(), self.config.max_grad_norm)
         # Decisions all ranks take together (one small all-reduce): a non-finite loss or
         # gradient norm skips this optimizer step; a stop signal or a due timed checkpoint is
         # acted on at this step's boundary.
-        flags = guards.step_flags(self, step_loss, grad_norm)
-        self._timed_checkpoint_due = flags.checkpoint_due
+        limit = self.config.max_nonfinite_steps
+        flags = guards.step_flags(acc, self.state, step_loss, grad_norm, check_nonfinite=limit > 0,
+                                  stop_requested=self._signals is not None and self._signals.received is not None,
+                                  checkpointing_minutes=self.config.checkpointing_minutes)
+        self._checkpoint_requested |= flags.checkpoint_due
         if flags.stop_signal:
             self._stop = "preempted"
         if not flags.nonfinite:
             self.state.nonfinite_in_a_row = 0
-        elif guards.skip_nonfinite_step(self):  # counts it; raises after max_nonfinite_steps in a row
+        elif guards.skip_nonfinite_step(acc, self.optimizer, self.state, limit):  # raises after `limit` in a row
             return
         self.optimizer.step()
         if self.scheduler is not None and not acc.optimizer_step_was_skipped:
@@ -418,7 +374,7 @@ class Loop:
         self.results.update(metrics)
         if self.metric_for_best_model:
             self._track_best(metrics)
-        if self.report_to != "none":
+        if self.config.report_to != "none":
             acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=self.state.global_step)
         acc.print(f"step {self.state.global_step}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()
                                                                if isinstance(v, (int, float))))
@@ -495,9 +451,9 @@ class Loop:
         }
         # samples_per_second, mfu (when the GPU's peak is known), peak_memory_gib (CUDA)
         logs.update(self.meter.report(tokens, samples, elapsed, self._log_seq_len, acc.num_processes))
-        if self.max_grad_norm:
+        if self.config.max_grad_norm > 0:
             logs["grad_norm"] = grad_norm_sum / acc.num_processes / steps
-        if self.report_to != "none":
+        if self.config.report_to != "none":
             acc.log(logs, step=state.global_step)
         self._log_reset()
         postfix = {"loss": f"{loss:.4f}", "tok/s": f"{tokens / elapsed:,.0f}"}
@@ -518,38 +474,40 @@ class Loop:
         # tokens_seen and train_loss_sum are exact and a resumed run reports the same results.
         if self._log_steps:
             self._log_flush()
-        self._last_checkpoint_time = time.monotonic()
-        self._timed_checkpoint_due = self._best_needs_checkpoint = False
-        return ckpt.save(self)
+        self._checkpoint_requested = False
+        return ckpt.save(self.accelerator, self.state, self.output_dir,
+                         save_total_limit=self.config.save_total_limit, run_config=self.run_config)
 
     def _checkpoint_due(self, epoch_end: bool = False) -> bool:
         if self.state.nonfinite_in_a_row:
             return False  # keep the last good checkpoint the newest while steps are being skipped
-        every = self.checkpointing_steps
+        every = self.config.checkpointing_steps
         if epoch_end:
             on_schedule = every == "epoch"
         else:
             on_schedule = every not in (None, "epoch") and self.state.global_step % int(every) == 0
-        return on_schedule or self._timed_checkpoint_due or self._best_needs_checkpoint
+        return on_schedule or self._checkpoint_requested
 
     def _track_best(self, metrics: dict) -> None:
-        improved = ckpt.update_best(self, metrics)
+        cfg, state = self.config, self.state
+        improved = ckpt.update_best(state, metrics, self.metric_for_best_model, self.greater_is_better,
+                                    cfg.early_stopping_threshold)
         # A new best is checkpointed at once (when checkpoints are on at all), so retention can
         # keep it and load_best_model_at_end can export it.
-        checkpoints_on = self.checkpointing_steps or self.checkpointing_minutes or self.load_best_model_at_end
-        self._best_needs_checkpoint = bool(improved and checkpoints_on)
-        patience = self.early_stopping_patience
-        if patience and self.state.evals_without_improvement >= patience:
+        checkpoints_on = cfg.checkpointing_steps or cfg.checkpointing_minutes or cfg.load_best_model_at_end
+        self._checkpoint_requested |= bool(improved and checkpoints_on)
+        patience = cfg.early_stopping_patience
+        if patience and state.evals_without_improvement >= patience:
             self._stop = self._stop or "early stopping"
             self.accelerator.print(f"early stopping: {self.metric_for_best_model} did not improve in {patience} "
-                                   f"evaluations (best {self.state.best_metric:.6g} at step {self.state.best_step})")
+                                   f"evaluations (best {state.best_metric:.6g} at step {state.best_step})")
 
     def load_checkpoint(self, path_or_auto: str) -> None:
-        ckpt.load(self, path_or_auto)
+        ckpt.load(self.accelerator, self.model, self.state, self.output_dir, path_or_auto)
 
     def export(self) -> None:
-        """Write the final model in Hugging Face format at the top of output_dir."""
-        ckpt.export_model(self)
+        """Write the final model at the top of output_dir (see `export=`)."""
+        ckpt.export_model(self.accelerator, self.model, self.output_dir, self.write_model or ckpt.write_model)
 
     def write_results(self) -> None:
         if self.accelerator.is_main_process:

@@ -18,6 +18,8 @@ import signal
 import threading
 import time
 
+from .processes import is_rank0
+
 #: Exit status after a signal-triggered checkpoint: sysexits' EX_TEMPFAIL ("try again later").
 EXIT_PREEMPTED = 75
 #: Signals that ask the run to checkpoint and stop.
@@ -64,7 +66,7 @@ class StopSignal:
         if self.received is None:
             self.received, self._first_at = name, time.monotonic()
             # os.write, not print: a handler may interrupt a print on the same stream.
-            if _is_rank0():
+            if is_rank0():
                 os.write(2, f"\nnotrainer: {name} received: finishing this step, writing a checkpoint, then exiting "
                             f"with status {EXIT_PREEMPTED} (send it again to stop at once)\n".encode())
             return
@@ -73,7 +75,3 @@ class StopSignal:
         os.write(2, f"\nnotrainer: second {name}: stopping now; the last complete checkpoint is kept\n".encode())
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
-
-
-def _is_rank0() -> bool:
-    return os.environ.get("RANK", "0") in ("", "0")

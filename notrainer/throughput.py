@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+
 #: Dense (no sparsity) bf16/fp16 tensor-core peak, TFLOP/s, from the vendors' data sheets.
 #: Matched against torch.cuda.get_device_name(); the longest matching key wins, so
 #: "H100 PCIe" beats "H100". Override with the config key peak_tflops=.
@@ -129,15 +130,6 @@ def reset_peak_memory(device: torch.device | str | None = None) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def batch_shape(batch) -> tuple[int, int]:
-    """(rows, sequence length) of a batch from its first tensor's shape; no device sync."""
-    first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0] if isinstance(batch, (list, tuple)) else batch
-    shape = getattr(first, "shape", None)
-    if shape is None:
-        return (len(first) if hasattr(first, "__len__") else 0), 0
-    return (int(shape[0]) if len(shape) else 1), (int(shape[1]) if len(shape) > 1 else 0)
-
-
 class Meter:
     """Turns the loop's token and sample counts into samples/s, MFU and peak memory.
 
@@ -181,5 +173,5 @@ class Meter:
         return out
 
 
-__all__ = ["PEAK_TFLOPS", "Meter", "batch_shape", "device_peak_tflops", "flops_per_token", "matmul_params", "mfu",
+__all__ = ["PEAK_TFLOPS", "Meter", "device_peak_tflops", "flops_per_token", "matmul_params", "mfu",
            "peak_memory_gib", "peak_tflops_for", "reset_peak_memory"]

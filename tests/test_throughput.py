@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from notrainer.batch import batch_shape
+
 from notrainer import throughput
 from notrainer.errors import UsageError
 from tests.conftest import run_cli
@@ -74,9 +76,9 @@ def test_meter_report_and_override():
 
 
 def test_batch_shape_reads_shapes_only():
-    assert throughput.batch_shape({"input_ids": torch.zeros(3, 17, dtype=torch.long)}) == (3, 17)
-    assert throughput.batch_shape([torch.zeros(5, 2), torch.zeros(5)]) == (5, 2)
-    assert throughput.batch_shape({"x": torch.zeros(4)}) == (4, 0)
+    assert batch_shape({"input_ids": torch.zeros(3, 17, dtype=torch.long)}) == (3, 17)
+    assert batch_shape([torch.zeros(5, 2), torch.zeros(5)]) == (5, 2)
+    assert batch_shape({"x": torch.zeros(4)}) == (4, 0)
 
 
 def test_bad_peak_tflops_is_a_usage_error(tmp_path):
