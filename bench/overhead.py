@@ -94,9 +94,9 @@ class WithLoop:
                          export=False, progress=False)
 
     def run(self) -> None:
-        from notrainer.checkpoint import LoopState
+        from notrainer.state import RunState
 
-        self.loop.state = LoopState()
+        self.loop.state = RunState()
         self.loop.fit()
 
 
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     hf_logging.set_verbosity_error()
     from notrainer.loop import make_accelerator
 
-    acc = make_accelerator(tempfile.mkdtemp(prefix="overhead-"))
+    acc = make_accelerator(output_dir=tempfile.mkdtemp(prefix="overhead-"))
     bare, loop = Bare(acc, args), WithLoop(acc, args)
     time_run(bare), time_run(loop)  # warm-up: allocator, kernels, first-call costs
 

@@ -132,7 +132,7 @@ def run_notrainer(args, ds, clock: StepClock, fast: bool) -> float:
                     chunked_loss=True if fast else None, report_to="none",
                     # fast: no per-step host sync for the non-finite guard (the Trainer has none either)
                     max_nonfinite_steps=0 if fast else CLMConfig.max_nonfinite_steps)
-    acc = make_accelerator(out, 1, cfg.mixed_precision, "none", cfg.seed, cfg.torch_compile, cfg.torch_compile_mode)
+    acc = make_accelerator(cfg)
     task = CLMTask(cfg)
     model = build_model(args)
     task._head = task.chunked_loss_head(model)
@@ -141,10 +141,8 @@ def run_notrainer(args, ds, clock: StepClock, fast: bool) -> float:
     loader = DataLoader(ds, batch_size=args.batch, shuffle=True, collate_fn=default_data_collator,
                         pin_memory=torch.cuda.is_available())
     loop = Loop(model, build_optimizer(model, cfg, acc.device), loader, loss_fn=task.loss,
-                scheduler=scheduler_factory(cfg), max_train_steps=args.warmup + args.steps,
-                num_items_fn=task.num_items, num_tokens_fn=task.num_tokens, logging_steps=cfg.logging_steps,
-                max_grad_norm=cfg.max_grad_norm, max_nonfinite_steps=cfg.max_nonfinite_steps, output_dir=out,
-                accelerator=acc, export=False, progress=False)
+                scheduler=scheduler_factory(cfg), num_items_fn=task.num_items, num_tokens_fn=task.num_tokens,
+                config=cfg, max_train_steps=args.warmup + args.steps, accelerator=acc, export=False, progress=False)
     train_step = loop.train_step
 
     def timed_step(window):

@@ -47,66 +47,23 @@ class LoraConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Keys every task shares. Task configs subclass this and add their own."""
+class LoopConfig:
+    """The loop's own settings, handed to `Loop` whole (or given to it as keyword arguments).
 
-    # --- what to run
-    task: str = key("clm", "task name (clm, mlm, classification, ...), 'pkg.module:Class' or 'path/file.py:Class'", "run")
-    config: Optional[str] = key(None, "YAML file with keys; key=value pairs given after it override it", "run")
-    output_dir: Optional[str] = key(None, "run directory (default runs/<task>)", "run")
-    overwrite_output_dir: bool = key(False, "start over in an output_dir that already holds a run (deletes its checkpoints)", "run")
-    do_train: bool = key(True, "train", "run")
-    do_eval: bool = key(True, "evaluate on the validation set", "run")
-    do_predict: bool = key(False, "write predictions for test_file", "run")
-    mode: Optional[str] = key(None, "shorthand: 'eval' (do_train=false) or 'predict' (only do_predict=true)", "run")
-    seed: int = key(42, "seed for model init, data order, dropout", "run")
+    `TrainConfig` extends this class, so the CLI's flat keys (`max_train_steps=...`) are the
+    same fields; a task's config reaches the loop without a copy of each key."""
 
-    # --- model and tokenizer
-    model_name_or_path: Optional[str] = key(None, "pretrained model: local folder or hub name (default: tiny random model)", "model")
-    config_name: Optional[str] = key(None, "model config to train from scratch (folder or hub name)", "model")
-    tokenizer_name: Optional[str] = key(None, "tokenizer folder or hub name (default: model_name_or_path, else built-in)", "model")
-    model_class: Optional[str] = key(None, "model class 'pkg.module:Class' or a registered model_type (default: the task's Auto class)", "model")
-    trust_remote_code: bool = key(False, "allow model code from the hub", "model")
-    ignore_mismatched_sizes: bool = key(False, "load a checkpoint whose head has another size (re-initialises it)", "model")
-
-    # --- data
-    dataset_name: Optional[str] = key(None, "hub dataset name (online users)", "data")
-    dataset_config_name: Optional[str] = key(None, "hub dataset config", "data")
-    train_file: Optional[str] = key(None, "training data: .txt, .json, .jsonl, .csv, .tsv or .parquet", "data")
-    validation_file: Optional[str] = key(None, "validation data, same formats", "data")
-    test_file: Optional[str] = key(None, "data for do_predict, same formats", "data")
-    validation_split_percentage: int = key(5, "percent of train held out when there is no validation data", "data")
-    max_train_samples: Optional[int] = key(None, "truncate the training set (debugging)", "data")
-    max_eval_samples: Optional[int] = key(None, "truncate the validation set (debugging)", "data")
-    preprocessing_num_workers: Optional[int] = key(None, "processes for datasets.map", "data")
-    overwrite_cache: bool = key(False, "redo tokenization even if datasets has it cached", "data")
-    dataloader_num_workers: int = key(0, "DataLoader worker processes", "data")
-
-    # --- optimisation
-    num_train_epochs: float = key(3.0, "epochs (ignored when max_train_steps is set)", "optim")
+    output_dir: Optional[str] = key("runs/loop", "run directory", "run")
+    seed: Optional[int] = key(None, "seed for model init, data order, dropout", "run")
+    num_train_epochs: float = key(1.0, "epochs (ignored when max_train_steps is set)", "optim")
     max_train_steps: Optional[int] = key(None, "optimizer steps in total (overrides num_train_epochs)", "optim")
-    per_device_train_batch_size: int = key(8, "micro-batch size per process", "optim")
-    per_device_eval_batch_size: int = key(8, "eval batch size per process", "optim")
     gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step", "optim")
-    learning_rate: float = key(5e-5, "peak learning rate", "optim")
-    weight_decay: float = key(0.0, "AdamW weight decay (not applied to biases and norms)", "optim")
-    adam_beta1: float = key(0.9, "AdamW beta1", "optim")
-    adam_beta2: float = key(0.999, "AdamW beta2", "optim")
-    adam_epsilon: float = key(1e-8, "AdamW epsilon", "optim")
-    lr_scheduler_type: str = key("linear", "linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, ...", "optim")
-    num_warmup_steps: int = key(0, "warmup optimizer steps", "optim")
-    warmup_ratio: float = key(0.0, "warmup as a fraction of max_train_steps (used when num_warmup_steps is 0)", "optim")
     max_grad_norm: float = key(1.0, "clip the gradient norm to this; 0 disables clipping", "optim")
-
-    # --- speed and memory
     mixed_precision: str = key("no", "no, fp16 or bf16", "speed")
-    gradient_checkpointing: bool = key(False, "recompute activations in backward to save memory", "speed")
     torch_compile: bool = key(False, "compile the model with torch.compile", "speed")
     torch_compile_mode: Optional[str] = key(None, "torch.compile mode (default, reduce-overhead, max-autotune)", "speed")
     peak_tflops: Optional[float] = key(None, "the accelerator's peak TFLOP/s for the logged MFU (default: from a table of "
                                              "common GPUs by name, bf16 dense; see docs/performance.md)", "speed")
-
-    # --- evaluation, checkpoints, logging
     eval_steps: Optional[int] = key(None, "evaluate every N optimizer steps (default: once per epoch)", "loop")
     checkpointing_steps: Optional[str] = key(None, "checkpoint every N optimizer steps, or 'epoch'", "loop")
     resume_from_checkpoint: Optional[str] = key(None, "'auto' (newest complete checkpoint in output_dir) or a checkpoint folder", "loop")
@@ -119,28 +76,15 @@ class TrainConfig:
     early_stopping_threshold: float = key(0.0, "how much metric_for_best_model must improve to count as better", "loop")
     max_nonfinite_steps: int = key(10, "skip optimizer steps with a NaN/inf loss or gradient norm; stop after this many in a row (0: no check)", "loop")
     logging_steps: int = key(10, "log train loss, lr, grad norm, tokens/s every N optimizer steps", "loop")
-    report_to: str = key("tensorboard", "tensorboard, wandb, all or none", "loop")
-
-    # --- optional features
-    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapters (lora.r, lora.alpha, ...)", "group": "lora"})
-
-    def resolved_output_dir(self) -> str:
-        return self.output_dir or os.path.join("runs", _short_task_name(self.task))
+    report_to: str = key("none", "tensorboard, wandb, all or none", "loop")
+    progress: bool = key(True, "show the progress bar (on the local main process)", "loop")
 
     def validate(self) -> None:
-        """Cross-field checks that types alone cannot express. Raise UsageError."""
-        check(self.mode in (None, "train", "eval", "predict"), f"mode must be train, eval or predict, got {self.mode!r}")
-        if self.mode in ("eval", "predict"):
-            self.do_train, self.do_eval, self.do_predict = False, self.mode == "eval", self.mode == "predict"
-        check(self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1")
-        check(self.per_device_eval_batch_size >= 1, "per_device_eval_batch_size must be >= 1")
+        """Checks of the loop's settings; raise UsageError."""
         check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
-        check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         check(self.max_train_steps is None or self.max_train_steps >= 1, "max_train_steps must be >= 1")
         check(self.num_train_epochs > 0, "num_train_epochs must be > 0")
         check(self.max_grad_norm >= 0, "max_grad_norm must be >= 0 (0 disables clipping)")
-        check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1)")
-        check(self.num_warmup_steps >= 0, "num_warmup_steps must be >= 0")
         check(self.logging_steps >= 1, "logging_steps must be >= 1")
         check(self.peak_tflops is None or self.peak_tflops > 0, f"peak_tflops must be > 0, got {self.peak_tflops}")
         check(self.eval_steps is None or self.eval_steps >= 1, "eval_steps must be >= 1")
@@ -150,10 +94,6 @@ class TrainConfig:
               "early_stopping_patience must be >= 1")
         check(self.early_stopping_threshold >= 0, "early_stopping_threshold must be >= 0")
         check(self.max_nonfinite_steps >= 0, "max_nonfinite_steps must be >= 0 (0 turns the check off)")
-        if self.metric_for_best_model or self.load_best_model_at_end or self.early_stopping_patience:
-            check(self.do_eval, "metric_for_best_model, load_best_model_at_end and early_stopping_patience need "
-                                "evaluation: set do_eval=true")
-        check(0 <= self.validation_split_percentage < 100, "validation_split_percentage must be in [0, 100)")
         check(self.mixed_precision in ("no", "fp16", "bf16"),
               f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         check(self.report_to in ("tensorboard", "wandb", "all", "none"),
@@ -162,6 +102,96 @@ class TrainConfig:
             c = str(self.checkpointing_steps)
             check(c == "epoch" or (c.isdigit() and int(c) > 0),
                   f"checkpointing_steps must be a positive number of steps or 'epoch', got {c!r}")
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """Keys every task shares. Task configs subclass this and add their own.
+
+    The loop's own keys come from `LoopConfig`; the ones redeclared here only change the default."""
+
+    # --- what to run
+    output_dir: Optional[str] = key(None, "run directory (default runs/<task>)", "run")
+    seed: int = key(42, "seed for model init, data order, dropout", "run")
+    num_train_epochs: float = key(3.0, "epochs (ignored when max_train_steps is set)", "optim")
+    report_to: str = key("tensorboard", "tensorboard, wandb, all or none", "loop")
+    task: str = key("clm", "task name (clm, mlm, classification, ...), 'pkg.module:Class' or 'path/file.py:Class'", "run")
+    config: Optional[str] = key(None, "YAML file with keys; key=value pairs given after it override it", "run")
+    overwrite_output_dir: bool = key(False, "start over in an output_dir that already holds a run (deletes its checkpoints)", "run")
+    do_train: bool = key(True, "train", "run")
+    do_eval: bool = key(True, "evaluate on the validation set", "run")
+    do_predict: bool = key(False, "write predictions for test_file", "run")
+    mode: Optional[str] = key(None, "shorthand: 'eval' (do_train=false) or 'predict' (only do_predict=true)", "run")
+
+    # --- model and tokenizer
+    model_name_or_path: Optional[str] = key(None, "pretrained model: local folder or hub name (default: tiny random model)", "model")
+    config_name: Optional[str] = key(None, "model config to train from scratch (folder or hub name)", "model")
+    tokenizer_name: Optional[str] = key(None, "tokenizer folder or hub name (default: model_name_or_path, else built-in)", "model")
+    model_class: Optional[str] = key(None, "model class 'pkg.module:Class' or a registered model_type (default: the task's Auto class)", "model")
+    trust_remote_code: bool = key(False, "allow model code from the hub", "model")
+    ignore_mismatched_sizes: bool = key(False, "load a checkpoint whose head has another size (re-initialises it)", "model")
+
+    # --- data
+    dataset_name: Optional[str] = key(None, "hub dataset name (online users)", "data")
+    dataset_config_name: Optional[str] = key(None, "hub dataset config", "data")
+    dataset_split: Optional[str] = key(None, "hub split (or slice, e.g. 'train[:10%]') to train on; default: all splits", "data")
+    dataset_revision: Optional[str] = key(None, "hub dataset revision (branch, tag or commit)", "data")
+    train_file: Optional[Any] = key(None, "training data: a file, glob, folder or list (YAML list or a,b) of .txt, .json, "
+                                          ".jsonl, .csv, .tsv, .parquet, optionally .gz/.bz2/.xz/.zst", "data")
+    validation_file: Optional[Any] = key(None, "validation data, same forms", "data")
+    test_file: Optional[Any] = key(None, "data for do_predict, same forms", "data")
+    keep_linebreaks: bool = key(True, "text files: keep each line's line break (as run_clm_no_trainer.py)", "data")
+    validation_split_percentage: int = key(5, "percent of train held out when there is no validation data", "data")
+    max_train_samples: Optional[int] = key(None, "truncate the training set (debugging)", "data")
+    max_eval_samples: Optional[int] = key(None, "truncate the validation set (debugging)", "data")
+    preprocessing_num_workers: Optional[int] = key(None, "processes for datasets.map", "data")
+    overwrite_cache: bool = key(False, "redo tokenization even if datasets has it cached", "data")
+    dataloader_num_workers: int = key(0, "DataLoader worker processes", "data")
+
+    # --- optimisation
+    per_device_train_batch_size: int = key(8, "micro-batch size per process", "optim")
+    per_device_eval_batch_size: int = key(8, "eval batch size per process", "optim")
+    learning_rate: float = key(5e-5, "peak learning rate", "optim")
+    weight_decay: float = key(0.0, "AdamW weight decay (not applied to biases and norms)", "optim")
+    adam_beta1: float = key(0.9, "AdamW beta1", "optim")
+    adam_beta2: float = key(0.999, "AdamW beta2", "optim")
+    adam_epsilon: float = key(1e-8, "AdamW epsilon", "optim")
+    optim: str = key("adamw_torch", "adamw_torch, adamw_torch_fused, adafactor, sgd, adamw_8bit, paged_adamw_8bit "
+                     "(the Trainer's names; see notrainer/optim.py)", "optim")
+    optim_args: Optional[str] = key(None, "extra optimizer arguments, \"k=v,k=v\" (e.g. momentum=0.9)", "optim")
+    lr_scheduler_type: str = key("linear", "linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, ...", "optim")
+    num_warmup_steps: int = key(0, "warmup optimizer steps", "optim")
+    warmup_ratio: float = key(0.0, "warmup as a fraction of max_train_steps (used when num_warmup_steps is 0)", "optim")
+
+    # --- speed and memory
+    gradient_checkpointing: bool = key(False, "recompute activations in backward to save memory", "speed")
+
+    # --- evaluation, checkpoints, logging
+
+    # --- optional features
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapters (lora.r, lora.alpha, ...)", "group": "lora"})
+
+    def resolved_output_dir(self) -> str:
+        return self.output_dir or os.path.join("runs", _short_task_name(self.task))
+
+    def validate(self) -> None:
+        """Cross-field checks that types alone cannot express. Raise UsageError."""
+        super().validate()
+        check(self.mode in (None, "train", "eval", "predict"), f"mode must be train, eval or predict, got {self.mode!r}")
+        if self.mode in ("eval", "predict"):
+            self.do_train, self.do_eval, self.do_predict = False, self.mode == "eval", self.mode == "predict"
+        check(self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1")
+        check(self.per_device_eval_batch_size >= 1, "per_device_eval_batch_size must be >= 1")
+        check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1)")
+        check(self.num_warmup_steps >= 0, "num_warmup_steps must be >= 0")
+        from .optim import check_optim
+
+        check_optim(self)  # optim name (with a did-you-mean) and optim_args keys
+        if self.metric_for_best_model or self.load_best_model_at_end or self.early_stopping_patience:
+            check(self.do_eval, "metric_for_best_model, load_best_model_at_end and early_stopping_patience need "
+                                "evaluation: set do_eval=true")
+        check(0 <= self.validation_split_percentage < 100, "validation_split_percentage must be in [0, 100)")
         from transformers import SchedulerType
 
         names = [s.value for s in SchedulerType]
@@ -169,28 +199,17 @@ class TrainConfig:
               f"lr_scheduler_type {self.lr_scheduler_type!r} is unknown{_did_you_mean(self.lr_scheduler_type, names)}; "
               f"choose one of {', '.join(names)}")
         check(self.lora.r >= 0, "lora.r must be >= 0")
-        for name in ("train_file", "validation_file"):
-            path = getattr(self, name)
-            if path is not None:
-                check(os.path.exists(path), f"{name}={path}: no such file")
-                check(os.path.isdir(path) or os.path.getsize(path) > 0, f"{name}={path}: the file is empty")
+        from .data import resolve_files, split_format
+
+        for name in ("train_file", "validation_file", "test_file"):
+            if getattr(self, name):  # a file, glob, folder or list: each must match, one format per split
+                split_format(resolve_files(getattr(self, name), name), name)
         if self.do_predict:
             check(self.test_file is not None or self.dataset_name is not None,
                   "do_predict=true needs test_file=... (the data to predict on)")
-            if self.test_file is not None:
-                check(os.path.exists(self.test_file), f"test_file={self.test_file}: no such file")
             # Without training and without a model there is nothing trained to predict with.
             check(self.do_train or self.model_name_or_path is not None,
                   "do_predict=true without training needs model_name_or_path=... (a trained run's output_dir)")
-
-    @property
-    def checkpoint_every_epoch(self) -> bool:
-        return str(self.checkpointing_steps) == "epoch"
-
-    @property
-    def checkpoint_every_steps(self) -> Optional[int]:
-        c = self.checkpointing_steps
-        return int(c) if c is not None and str(c).isdigit() else None
 
 
 # ----------------------------------------------------------------------------- parsing

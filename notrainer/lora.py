@@ -11,10 +11,16 @@ The export writes a peft adapter folder (adapter_config.json + adapter_model.saf
 top of output_dir; with `lora.merge=true` also `merged/`, full weights with the adapters folded
 in, loadable with plain `from_pretrained`. Both are computed from the full state dict the loop
 gathers (`accelerator.get_state_dict`), so they work the same under DDP, ZeRO-3 and FSDP.
+
+An adapter folder given as `model_name_or_path` is loaded through peft's own API (`from_pretrained`
+below), not through transformers' adapter integration: that integration demands a peft newer than
+the registry may offer (transformers 5.24 asks for peft >= 0.22 while 0.21.2 is the newest), and a
+user's adapter folder must keep working with the versions that resolve.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 from .errors import UsageError, check
@@ -39,23 +45,50 @@ def default_target_modules(model) -> list[str] | str:
     return defaults.get(getattr(model.config, "model_type", None), "all-linear")
 
 
-def apply_lora(model, cfg, task=None):
-    """`model` wrapped with LoRA adapters when `cfg.lora.r > 0`; else `model` unchanged."""
-    lc = cfg.lora
-    if getattr(model, "_hf_peft_config_loaded", False):
-        # model_name_or_path was an adapter folder: transformers loaded base + adapter, frozen.
-        check(not lc.r, "model_name_or_path is a LoRA adapter folder: continue training that adapter without "
-                        "lora.r, or start a new one from its merged/ folder")
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.requires_grad_(True)
-        return model
-    if not lc.r:
-        return model
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_base(path) -> str | None:
+    """The base model an adapter folder names (its adapter_config.json), or None when `path` is
+    not an adapter folder (a model folder or a Hub name)."""
+    config = os.path.join(str(path), ADAPTER_CONFIG)
+    if not os.path.isfile(config):
+        return None
+    with open(config) as f:
+        base = json.load(f).get("base_model_name_or_path")
+    check(base, f"{path}: {ADAPTER_CONFIG} names no base_model_name_or_path; pass the base model and lora.r instead")
+    return base
+
+
+def from_pretrained(cls, path, **kwargs):
+    """`cls.from_pretrained(path, **kwargs)`; for an adapter folder, its base model loaded that way
+    and the adapter put on it, trainable (a `peft.PeftModel`), to continue training it."""
+    base = adapter_base(path)
+    if base is None:
+        return cls.from_pretrained(path, **kwargs)
+    peft = _import_peft(f"model_name_or_path={path} is a LoRA adapter folder")
+    return peft.PeftModel.from_pretrained(cls.from_pretrained(base, **kwargs), path, is_trainable=True)
+
+
+def _import_peft(why: str):
     try:
         import peft
     except ImportError:
-        raise UsageError("lora.r > 0 needs peft: pip install 'notrainer[peft]'") from None
+        raise UsageError(f"{why}: that needs peft: pip install 'notrainer[peft]'") from None
+    return peft
+
+
+def apply_lora(model, cfg, task=None):
+    """`model` wrapped with LoRA adapters when `cfg.lora.r > 0`; else `model` unchanged."""
+    lc = cfg.lora
+    if is_peft_model(model):
+        # model_name_or_path was an adapter folder (see from_pretrained): its adapters already train.
+        check(not lc.r, "model_name_or_path is a LoRA adapter folder: continue training that adapter without "
+                        "lora.r, or start a new one from its merged/ folder")
+        return _with_input_grads(model, cfg)
+    if not lc.r:
+        return model
+    peft = _import_peft("lora.r > 0")
     check(lc.alpha > 0, "lora.alpha must be > 0")
     check(0.0 <= lc.dropout < 1.0, "lora.dropout must be in [0, 1)")
     check(hasattr(model, "config"), "lora.r > 0 needs a transformers model (one with a .config)")
@@ -74,6 +107,10 @@ def apply_lora(model, cfg, task=None):
                 kind = type(module.get_base_layer()).__name__
                 check(kind in ("Linear", "Conv1D"),
                       f"lora.merge=true: cannot merge into {name} ({kind}); adapt only linear layers")
+    return _with_input_grads(model, cfg)
+
+
+def _with_input_grads(model, cfg):
     if cfg.gradient_checkpointing:
         # With frozen embeddings no input of the first checkpointed block requires grad;
         # this hook makes the embeddings' output require it so the adapters get gradients.
@@ -135,4 +172,4 @@ def merged_state_dict(model, state_dict: dict, with_adapters: bool = True) -> di
     return out
 
 
-__all__ = ["apply_lora", "export", "merged_state_dict", "default_target_modules", "is_peft_model"]
+__all__ = ["apply_lora", "from_pretrained", "adapter_base", "export", "merged_state_dict", "default_target_modules", "is_peft_model"]

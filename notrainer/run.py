@@ -21,25 +21,26 @@ def main(argv: list[str] | None = None) -> int:
     from .guards import EXIT_DIVERGED, TrainingDiverged
     from .preemption import EXIT_PREEMPTED, Preempted
 
+    from .processes import is_rank0, teardown
+
+    status, message = 0, None
     try:
         run(argv)
     except UsageError as e:
-        if _is_rank0():
-            print(f"notrainer: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        status, message = EXIT_USAGE, f"notrainer: error: {e}"
     except TrainingDiverged as e:  # non-finite losses: the last good checkpoint is kept
-        if _is_rank0():
-            print(f"notrainer: error: {e}", file=sys.stderr)
-        return EXIT_DIVERGED
+        status, message = EXIT_DIVERGED, f"notrainer: error: {e}"
     except Preempted as e:  # a signal asked us to stop: checkpoint written, requeue the job
-        if _is_rank0():
-            print(f"notrainer: {e}", file=sys.stderr)
-        return EXIT_PREEMPTED
-    return 0
-
-
-def _is_rank0() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
+        status, message = EXIT_PREEMPTED, f"notrainer: {e}"
+    except BaseException:
+        teardown(all_ranks_done=False)
+        raise
+    # Only a finished run is known to have brought every rank here; after an error a rank may
+    # still be elsewhere, so nothing waits for the others then.
+    teardown(all_ranks_done=status == 0)
+    if message and is_rank0():
+        print(message, file=sys.stderr)
+    return status
 
 
 # ---------------------------------------------------------------------- the task registry
@@ -108,7 +109,9 @@ def check_output_dir(cfg) -> None:
         if not cfg.overwrite_output_dir:
             raise UsageError(f"output_dir={out} already holds a run: resume_from_checkpoint=auto continues it, "
                              "overwrite_output_dir=true starts over, or pick another output_dir")
-        if _is_rank0():
+        from .processes import is_rank0
+
+        if is_rank0():
             shutil.rmtree(checkpoint_root(out), ignore_errors=True)
 
 
@@ -138,8 +141,7 @@ def build(cfg, task_cls):
     from .lora import apply_lora
     from .optim import build_optimizer, scheduler_factory
 
-    acc = make_accelerator(cfg.output_dir, cfg.gradient_accumulation_steps, cfg.mixed_precision, cfg.report_to,
-                           cfg.seed, cfg.torch_compile, cfg.torch_compile_mode)
+    acc = make_accelerator(cfg)
     check_distributed(acc)
     set_seed(cfg.seed)
     task = task_cls(cfg)
@@ -151,7 +153,7 @@ def build(cfg, task_cls):
         raw = task.load_raw_datasets()
     tokenizer = task.build_tokenizer(raw)
     model = task.build_model(tokenizer)
-    task.check_model(model, tokenizer)
+    task.setup(model, tokenizer)  # the task lifecycle: see notrainer/tasks/base.py
     model = apply_lora(model, cfg, task)  # lora.r > 0: only peft adapters (and the task's new head) train
     if cfg.resume_from_checkpoint:  # another model shape fails here, before output_dir is touched
         from .checkpoint import check_model, resolve
@@ -193,22 +195,30 @@ def build(cfg, task_cls):
         save_yaml(cfg, os.path.join(cfg.output_dir, "config.yaml"))
 
     optimizer = build_optimizer(model, cfg, acc.device)
-    loop = Loop(
-        model, optimizer, train_loader if train_loader is not None else [],
-        loss_fn=task.loss, eval_loader=eval_loader, predict_loader=predict_loader, scheduler=scheduler_factory(cfg),
-        max_train_steps=cfg.max_train_steps, num_train_epochs=cfg.num_train_epochs,
-        max_grad_norm=cfg.max_grad_norm, eval_steps=cfg.eval_steps, logging_steps=cfg.logging_steps,
-        checkpointing_steps=cfg.checkpointing_steps, save_total_limit=cfg.save_total_limit,
-        resume_from_checkpoint=cfg.resume_from_checkpoint, output_dir=cfg.output_dir, report_to=cfg.report_to,
-        checkpointing_minutes=cfg.checkpointing_minutes, metric_for_best_model=cfg.metric_for_best_model,
-        greater_is_better=cfg.greater_is_better, load_best_model_at_end=cfg.load_best_model_at_end,
-        early_stopping_patience=cfg.early_stopping_patience, early_stopping_threshold=cfg.early_stopping_threshold,
-        max_nonfinite_steps=cfg.max_nonfinite_steps, seed=cfg.seed,
-        num_items_fn=task.num_items, num_tokens_fn=task.num_tokens, eval_fn=task.eval_step,
-        metrics_fn=task.compute_metrics, tokenizer=tokenizer, config=to_dict(cfg), accelerator=acc,
-        peak_tflops=cfg.peak_tflops,
-    )
+    loop = Loop(model, optimizer, train_loader if train_loader is not None else [], config=cfg, accelerator=acc,
+                loss_fn=task.loss, num_items_fn=task.num_items, num_tokens_fn=task.num_tokens,
+                eval_fn=task.eval_step, metrics_fn=task.compute_metrics, eval_loader=eval_loader,
+                predict_loader=predict_loader, scheduler=scheduler_factory(cfg),
+                export=export_policy(tokenizer, output_dir=cfg.output_dir, merge_lora=cfg.lora.merge),
+                run_config=to_dict(cfg))
     return loop, task
+
+
+def export_policy(tokenizer, output_dir: str, merge_lora: bool):
+    """What the CLI's final export writes: the model (a LoRA adapter folder, plus merged/ with
+    lora.merge=true), and the tokenizer beside it."""
+    from . import lora
+    from .checkpoint import write_model
+
+    def write(model, state_dict: dict, folder: str) -> None:
+        if lora.is_peft_model(model):
+            lora.export(model, state_dict, folder, merge=merge_lora, tokenizer=tokenizer, final_dir=output_dir)
+        else:
+            write_model(model, state_dict, folder)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(folder)
+
+    return write
 
 
 def run(argv: list[str] | None = None) -> dict:

@@ -252,3 +252,11 @@ def test_unknown_metric_fails_before_training(small_csv, tmp_path):
         run_cli("task=classification", f"train_file={small_csv}", "metric=no_such_metric_xyz",
                 output_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_column_keys_naming_the_same_column_are_refused_when_parsed():
+    from notrainer.errors import UsageError
+    from notrainer.run import parse_args
+
+    with pytest.raises(UsageError, match="must name different columns"):
+        parse_args(["task=classification", "text_column=text", "label_column=text"])

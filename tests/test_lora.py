@@ -93,6 +93,19 @@ def test_an_adapter_folder_as_model_continues_training_that_adapter(lora_run, tm
         run_cli("task=sft", f"model_name_or_path={out}", "lora.r=4", *FAST, output_dir=tmp_path / "new")
 
 
+def test_an_adapter_folder_is_told_apart_from_a_model_folder(lora_run, base_folder, tmp_path):
+    """Adapter folders load through peft's own API (transformers' adapter loading demands a newer
+    peft than the registry has); a model folder or Hub name goes to from_pretrained unchanged."""
+    from notrainer.lora import adapter_base
+
+    out, _ = lora_run
+    assert adapter_base(out) == str(base_folder)
+    assert adapter_base(base_folder) is None and adapter_base("org/some-model") is None
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    with pytest.raises(UsageError, match="names no base_model_name_or_path"):
+        adapter_base(tmp_path)
+
+
 def test_lora_from_scratch_is_self_contained_and_resumes(tmp_path):
     """The embedded default (random base): the base weights are exported beside the adapter, and
     a run resumed from its checkpoint ends with the same adapter as the uninterrupted run."""

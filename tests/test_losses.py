@@ -209,13 +209,14 @@ def test_sharded_setups_turn_auto_off_and_refuse_true(monkeypatch):
     """Under FSDP / ZeRO-3 (lm_head.weight is a shard outside the forward) auto keeps the plain
     loss even on CUDA, and chunked_loss=true is a usage error naming the reason."""
     import notrainer.tasks.clm as clm
+    from notrainer.tasks import common
 
-    monkeypatch.setattr(clm, "_sharded_reason", lambda: "FSDP shards lm_head.weight outside the forward pass")
+    monkeypatch.setattr(common, "sharded_reason", lambda: "FSDP shards lm_head.weight outside the forward pass")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     model = _tiny_model("llama")
     assert clm.CLMTask(clm.CLMConfig(chunked_loss=None)).chunked_loss_head(model) is None
     with pytest.raises(UsageError, match="chunked_loss=true: FSDP shards lm_head.weight"):
         clm.CLMTask(clm.CLMConfig(chunked_loss=True)).chunked_loss_head(model)
-    monkeypatch.setattr(clm, "_sharded_reason", lambda: None)
+    monkeypatch.setattr(common, "sharded_reason", lambda: None)
     head = clm.CLMTask(clm.CLMConfig(chunked_loss=None)).chunked_loss_head(model)  # auto on "CUDA"
     assert isinstance(head, losses.HiddenStatesHead) and head is model.get_output_embeddings()

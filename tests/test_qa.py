@@ -182,3 +182,26 @@ def test_the_three_file_layouts_read_the_same(tmp_path):
         want = sorted((r["id"], r["question"], r["context"], tuple(r["answers"]["text"]),
                        tuple(r["answers"]["answer_start"])) for r in records)
         assert got == want, path.name
+
+
+def test_windows_are_the_same_with_preprocessing_workers(trained):
+    """Tokenizing goes through datasets.map, so preprocessing_num_workers applies to QA too:
+    two worker processes give the same windows, and each window still points at its own
+    question (row indices are global across the workers' shards)."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    from notrainer.tasks.qa import QAConfig, QATask
+
+    model_dir, _ = trained
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    raw = datasets.DatasetDict(validation=datasets.Dataset.from_list(builtin_qa(40, seed=21)))
+    results = []
+    for workers in (None, 2):
+        task = QATask(QAConfig(task="qa", max_seq_length=32, doc_stride=12, preprocessing_num_workers=workers))
+        ds = task.prepare_datasets(raw, tok)["validation"]
+        features = [(f.example_index, f.offset_mapping, f.cls_index) for f in task._features["validation"]]
+        results.append((ds.to_dict(), features))
+    assert results[0] == results[1]
+    assert sorted({f[0] for f in results[0][1]}) == list(range(40))
+    assert results[0][0]["feature_index"] == list(range(len(results[0][1])))

@@ -143,3 +143,32 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
     assert status == 2
     assert err[-1].startswith("notrainer: error: task=seq2seq needs an encoder-decoder model")
     assert not any("Traceback" in line for line in err)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("num_beams=0",), "num_beams must be >= 1"),
+    (("max_target_length=0",), "max_source_length and max_target_length must be >= 1"),
+    (("generation_max_length=0",), "generation_max_length must be >= 1"),
+    (("source_column=document",), "give both source_column=... and target_column=..."),
+])
+def test_config_values_are_checked_when_the_config_is_parsed(args, message):
+    """Value checks live in Seq2SeqConfig.validate: they fail while parsing, before any data or model."""
+    from notrainer.run import parse_args
+
+    with pytest.raises(UsageError, match=message):
+        parse_args(["task=seq2seq", *args])
+
+
+def test_preprocessing_workers_give_the_same_tokens():
+    """Tokenizing goes through datasets.map: preprocessing_num_workers applies to seq2seq too."""
+    from notrainer.run import parse_args
+
+    out = []
+    for workers in ("null", "2"):
+        cfg, task_cls = parse_args(["task=seq2seq", "max_train_samples=40", "max_eval_samples=20",
+                                    f"preprocessing_num_workers={workers}"])
+        task = task_cls(cfg)
+        raw = task.load_raw_datasets()
+        ds = task.prepare_datasets(raw, task.build_tokenizer(raw))
+        out.append({name: split.to_dict() for name, split in ds.items()})
+    assert out[0] == out[1] and len(out[0]["train"]["labels"]) == 40

@@ -27,7 +27,7 @@ def _task(*args: str) -> SFTTask:
 def tokenizer():
     task = _task()
     tok = task.build_tokenizer(task.load_raw_datasets())
-    tok.chat_template = SIMPLE_CHAT_TEMPLATE  # what check_model installs on a tokenizer without one
+    tok.chat_template = SIMPLE_CHAT_TEMPLATE  # what setup installs on a tokenizer without one
     return tok
 
 
@@ -39,7 +39,7 @@ def tiny(tokenizer):
     task = _task("max_train_samples=48")
     set_seed(0)
     model = task.build_model(tokenizer)
-    task.check_model(model, tokenizer)
+    task.setup(model, tokenizer)
     ds = task.prepare_datasets(task.load_raw_datasets(), tokenizer)
     return task, model.eval(), ds
 
@@ -216,3 +216,14 @@ def test_cli_exit_status(tmp_path):
     proc = cli_subprocess("task=sft", "max_seq_length=1", f"output_dir={tmp_path}", "report_to=none", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["notrainer: error: max_seq_length must be >= 2"]
+
+
+def test_sft_is_its_own_task_with_only_its_own_keys():
+    """SFT is composed from shared helpers, not a CLMTask: CLM's keys are unknown to it."""
+    from notrainer.run import parse_args
+    from notrainer.tasks.clm import CLMTask
+
+    assert not issubclass(SFTTask, CLMTask)
+    for clm_key in ("block_size=8", "line_by_line=true", "chunked_loss=true", "text_column=text"):
+        with pytest.raises(UsageError, match="unknown"):
+            parse_args(["task=sft", clm_key])

@@ -170,3 +170,11 @@ def test_fine_tunes_a_real_pretrained_encoder(tmp_path):
                   f"validation_file={val}", "max_train_steps=16", "learning_rate=3e-4",
                   "per_device_train_batch_size=16", "max_seq_length=32", output_dir=tmp_path / "o")
     assert res["eval_f1"] >= 0.9, res
+
+
+def test_column_keys_naming_the_same_column_are_refused_when_parsed():
+    from notrainer.errors import UsageError
+    from notrainer.run import parse_args
+
+    with pytest.raises(UsageError, match="must name different columns"):
+        parse_args(["task=token_classification", "words_column=tokens", "tags_column=tokens"])

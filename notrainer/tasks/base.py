@@ -4,6 +4,41 @@ A task supplies its config keys, the model class, data preparation, the collator
 bookkeeping and the metrics. It never touches the optimizer, the accelerator or checkpoints:
 those belong to `notrainer.Loop`.
 
+The lifecycle, in the order the CLI (`notrainer.run.build`) calls it, and the order of the
+methods below:
+
+1. `Task(cfg)`: keeps the config. The config's values were already checked by its
+   `Config.validate()`; `__init__` checks nothing and loads nothing.
+2. `load_raw_datasets()` -> raw `DatasetDict` (train/validation/test). Tasks whose model
+   shape follows from the data (classification, NER) settle their columns and labels here.
+3. `build_tokenizer(raw)` -> tokenizer.
+4. `build_model(tokenizer)` -> model.
+5. `setup(model, tokenizer)`: the checks that need the model and tokenizer (lengths against
+   the model's positions, pad/mask tokens), and the ONLY place a task stores what it derives
+   from them. Attributes set here, declared on the class that sets them:
+     - every task: resizes the input embeddings to the tokenizer when it grew;
+     - clm: `_block_size` (tokens per block), `_head` (the chunked-loss lm_head or None);
+     - sft: `_max_len` (tokens per example), `_tokenizer` (prediction decodes with it); sets
+       the tokenizer's chat template, and its pad token (eos) when it has none;
+     - mlm: `_max_len` (tokens per block or line);
+     - seq2seq: `_model`, `_tokenizer` (the collator makes decoder inputs with the model;
+       evaluation decodes with the tokenizer);
+     - classification: the model config's pad_token_id when it has none (GPT-2 style heads
+       find the last token by it); classification, NER and qa only check here.
+   Attributes set by other steps are declared too, on the class or in `__init__` (classification
+   and NER: columns and label names from step 2; qa and seq2seq: per-split records from step 6).
+6. `prepare_datasets(raw, tokenizer)` -> tokenized `DatasetDict` with the same split names
+   (per-split `datasets.map` through `notrainer.data.map_splits`).
+7. `collator(tokenizer)` -> the DataLoader's collate_fn.
+8. Per step, called by the Loop: `loss(model, batch)`, `num_items(batch)`,
+   `num_tokens(batch)`; per evaluation: `eval_step(model, batch)` then
+   `compute_metrics(outputs, eval_loss)`; with do_predict: `predict_step` then
+   `format_predictions`.
+
+Config VALUE checks (ranges, combinations of keys) belong in the task's `Config.validate()`,
+which runs before anything heavy; only checks that need the model or tokenizer go in `setup`.
+Shared task helpers live in `notrainer.tasks.common`.
+
 Subclass a task to change one piece and run it with `task=my_pkg.my_module:MyTask`:
 
     class MyTask(CLMTask):
@@ -18,9 +53,9 @@ from typing import Any
 
 import torch
 
-from notrainer import builtin, data
+from notrainer import builtin, data, lora
 from notrainer.config import TrainConfig
-from notrainer.errors import UsageError, check
+from notrainer.errors import UsageError, check, first_line
 from notrainer.imports import import_object
 
 
@@ -41,7 +76,13 @@ class Task:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
 
-    # ------------------------------------------------------------------ data
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # A subclass written for the old name would silently lose its checks.
+        if "check_model" in vars(cls):
+            raise TypeError(f"{cls.__name__}.check_model: the method is now called setup(model, tokenizer)")
+
+    # ------------------------------------------------------------------ 2. raw data
 
     def builtin_datasets(self):
         """The embedded default data as a DatasetDict (train, validation): small, generated
@@ -51,16 +92,7 @@ class Task:
     def load_raw_datasets(self):
         return data.load_raw_datasets(self.cfg, builtin=self.builtin_datasets)
 
-    def prepare_datasets(self, raw, tokenizer):
-        """Raw DatasetDict -> tokenized DatasetDict with the same split names."""
-        raise NotImplementedError
-
-    def collator(self, tokenizer):
-        from transformers import default_data_collator
-
-        return default_data_collator
-
-    # ------------------------------------------------------------------ model
+    # ------------------------------------------------------------------ 3-5. tokenizer, model, setup
 
     def tokenizer_texts(self, raw):
         """Texts the built-in tokenizer is trained on (when no tokenizer is given)."""
@@ -76,7 +108,7 @@ class Task:
         try:
             return AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code, **self.tokenizer_kwargs())
         except Exception as e:
-            raise UsageError(f"tokenizer {name!r} could not be loaded: {_first_line(e)}") from None
+            raise UsageError(f"tokenizer {name!r} could not be loaded: {first_line(e)}") from None
 
     def tokenizer_kwargs(self) -> dict:
         return {}
@@ -92,7 +124,7 @@ class Task:
         try:
             return AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
         except Exception as e:
-            raise UsageError(f"model {name!r} could not be loaded: {_first_line(e)}") from None
+            raise UsageError(f"model {name!r} could not be loaded: {first_line(e)}") from None
 
     def model_kwargs(self, tokenizer) -> dict:
         """Extra config values for the model (e.g. num_labels, id2label)."""
@@ -114,9 +146,9 @@ class Task:
         cfg, cls = self.cfg, self.model_class()
         kwargs = self.model_kwargs(tokenizer)
         try:
-            if cfg.model_name_or_path:
-                return cls.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code,
-                                           ignore_mismatched_sizes=cfg.ignore_mismatched_sizes, **kwargs)
+            if cfg.model_name_or_path:  # a model folder, a Hub name, or a LoRA adapter folder (base + adapter)
+                return lora.from_pretrained(cls, cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code,
+                                            ignore_mismatched_sizes=cfg.ignore_mismatched_sizes, **kwargs)
             if cfg.config_name:
                 from transformers import AutoConfig
 
@@ -136,15 +168,28 @@ class Task:
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             what = cfg.model_name_or_path or cfg.config_name or cfg.model_class
             hint = " (set ignore_mismatched_sizes=true to re-initialise the head)" if "size mismatch" in str(e) else ""
-            raise UsageError(f"model {what!r} could not be built: {_first_line(e)}{hint}") from None
+            raise UsageError(f"model {what!r} could not be built: {first_line(e)}{hint}") from None
 
-    def check_model(self, model, tokenizer) -> None:
-        """Checks that need both model and tokenizer; raise UsageError."""
+    def setup(self, model, tokenizer) -> None:
+        """Lifecycle step 5: checks that need both model and tokenizer (raise UsageError), and
+        the one place a task stores what it derives from them (see the module docstring).
+        Subclasses call super().setup(model, tokenizer) first."""
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         if emb is not None and hasattr(emb, "num_embeddings") and len(tokenizer) > emb.num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
 
-    # ------------------------------------------------------------------ training and evaluation
+    # ------------------------------------------------------------------ 6-7. tokenized data, collator
+
+    def prepare_datasets(self, raw, tokenizer):
+        """Raw DatasetDict -> tokenized DatasetDict with the same split names."""
+        raise NotImplementedError
+
+    def collator(self, tokenizer):
+        from transformers import default_data_collator
+
+        return default_data_collator
+
+    # ------------------------------------------------------------------ 8. training and evaluation
 
     def loss(self, model, batch) -> torch.Tensor:
         """Mean loss over the batch's items (see num_items)."""
@@ -213,8 +258,3 @@ def require_pad_token(tokenizer, why: str) -> None:
     check(tokenizer.pad_token is not None,
           f"the tokenizer has no pad token, which {why} needs; use a tokenizer with one "
           f"(many users set pad_token = eos_token when saving the tokenizer)")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

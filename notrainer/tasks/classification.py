@@ -29,10 +29,11 @@ import torch
 
 from notrainer import builtin
 from notrainer.config import TrainConfig, key
-from notrainer.data import require_columns
+from notrainer.data import map_splits, require_columns
 from notrainer.errors import UsageError, check
 
 from .base import Task, require_pad_token
+from .common import check_head_size, check_length, check_no_unseen_labels, label_ids, label_name
 
 SINGLE, MULTI, REGRESSION = "single_label_classification", "multi_label_classification", "regression"
 LABEL_CANDIDATES = ("label", "labels", "score", "quality")
@@ -55,6 +56,8 @@ class ClassificationConfig(TrainConfig):
         check(self.max_seq_length >= 2, "max_seq_length must be >= 2")
         check(self.problem_type in (None, SINGLE, MULTI, REGRESSION),
               f"problem_type must be {SINGLE}, {MULTI} or {REGRESSION}, got {self.problem_type!r}")
+        named = [c for c in (self.text_column, self.text_pair_column, self.label_column) if c]
+        check(len(named) == len(set(named)), "text_column, text_pair_column and label_column must name different columns")
 
 
 class ClassificationTask(Task):
@@ -66,13 +69,23 @@ class ClassificationTask(Task):
     embedded_defaults = dict(learning_rate=1e-3, num_train_epochs=4.0, per_device_train_batch_size=32,
                              per_device_eval_batch_size=64, max_seq_length=64, warmup_ratio=0.1, weight_decay=0.01)
 
+    # Settled by load_raw_datasets (lifecycle step 2): the model's head follows from them.
+    #: the columns of the (first) text, the second text of a pair (or None), the label (None: no labels)
+    text_col: Optional[str] = None
+    pair_col: Optional[str] = None
+    label_col: Optional[str] = None
+    #: single-label, multi-label or regression
+    problem_type: str = SINGLE
+    #: label names in id order (build_model may reorder them to a fine-tuned head's ids)
+    label_names: list[str] = []
+    #: a ClassLabel feature's names (raw ints -> names), else None
+    _class_names: Optional[list[str]] = None
+    #: the raw test split: prediction records carry its texts
+    _raw_test = None
+
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.problem_type: str = SINGLE
-        self.label_names: list[str] = []  # id -> name
-        self._class_names: list[str] | None = None  # a ClassLabel feature's names (raw ints -> names)
-        self._metrics: dict = {}
-        self._raw_test = None
+        self._metrics: dict = {}  # loaded metrics by name, per task object
 
     # ------------------------------------------------------------------ data
 
@@ -160,15 +173,11 @@ class ClassificationTask(Task):
         if self.problem_type == SINGLE:
             check(len(self.label_names) >= 2, f"the training data has a single label ({self.label_names[0]!r}); "
                                               "classification needs at least two (floats: problem_type=regression)")
-        for split_name in ("validation",):
-            if split_name in raw and self.label_col in raw[split_name].column_names:
-                vals = raw[split_name][self.label_col]
-                check(all(v is not None for v in vals),
-                      f"label_column={self.label_col!r} has empty values in the {split_name} data")
-                unseen = sorted(self._names_in(vals, is_list) - set(self.label_names))
-                check(not unseen, f"the {split_name} data has labels never seen in training: "
-                                  f"{', '.join(map(repr, unseen[:5]))}{' ...' if len(unseen) > 5 else ''}; "
-                                  "add examples of them to the training data or remove them")
+        if "validation" in raw and self.label_col in raw["validation"].column_names:
+            check(all(v is not None for v in raw["validation"][self.label_col]),
+                  f"label_column={self.label_col!r} has empty values in the validation data")
+        check_no_unseen_labels(raw, self.label_col, lambda vals: self._names_in(vals, is_list), self.label_names,
+                               "labels")
 
     def _names_in(self, values, is_list: bool) -> set[str]:
         out = set()
@@ -178,9 +187,7 @@ class ClassificationTask(Task):
         return out
 
     def _name(self, value) -> str:
-        if self._class_names is not None and isinstance(value, (int, np.integer)):
-            return self._class_names[value]
-        return str(value)
+        return label_name(value, self._class_names)
 
     def _labels_from_model(self) -> None:
         """Evaluation or prediction without training data: the labels the model was trained on."""
@@ -206,7 +213,7 @@ class ClassificationTask(Task):
 
     @property
     def label2id(self) -> dict[str, int]:
-        return {n: i for i, n in enumerate(self.label_names)}
+        return label_ids(self.label_names)
 
     def tokenizer_texts(self, raw):
         train = raw["train"]
@@ -227,16 +234,8 @@ class ClassificationTask(Task):
                 enc["labels"] = [self.encode_label(v) for v in batch[label_col]]
             return enc
 
-        import datasets
-
         # test data is only predicted: its labels, if any (GLUE's are -1), are not read
-        return datasets.DatasetDict({
-            name: split.map(preprocess, batched=True, remove_columns=split.column_names,
-                            fn_kwargs={"with_labels": name != "test"},
-                            num_proc=cfg.preprocessing_num_workers, load_from_cache_file=not cfg.overwrite_cache,
-                            desc=f"tokenizing {name}")
-            for name, split in raw.items()
-        })
+        return map_splits(raw, preprocess, cfg, desc="tokenizing", split_kwargs=lambda name: {"with_labels": name != "test"})
 
     def collator(self, tokenizer):
         from transformers import DataCollatorWithPadding
@@ -257,15 +256,12 @@ class ClassificationTask(Task):
             self.label_names = order  # a fine-tuned head keeps its own label ids
         return super().build_model(tokenizer)
 
-    def check_model(self, model, tokenizer) -> None:
-        super().check_model(model, tokenizer)
+    def setup(self, model, tokenizer) -> None:
+        super().setup(model, tokenizer)
         require_pad_token(tokenizer, "batching texts of different lengths")
         if getattr(model.config, "pad_token_id", None) is None:
             model.config.pad_token_id = tokenizer.pad_token_id  # GPT-2 style heads find the last token by it
-        limit = getattr(model.config, "max_position_embeddings", None)
-        check(not isinstance(limit, int) or self.cfg.max_seq_length <= limit,
-              f"max_seq_length={self.cfg.max_seq_length} is larger than the model's {limit} positions; "
-              f"use max_seq_length<={limit}")
+        check_length("max_seq_length", self.cfg.max_seq_length, model)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -369,31 +365,6 @@ class ClassificationTask(Task):
             texts = {c: test[c] for c in cols}
             records = [{**{c: texts[c][i] for c in cols}, **r} for i, r in enumerate(records)]
         return records
-
-
-# ---------------------------------------------------------------------- shared with token classification
-
-
-def check_head_size(cfg, head_suffix: str, num_labels: int, what: str) -> list[str] | None:
-    """A checkpoint that already has a head of another size: say so before loading it.
-    Returns the label names of a head of the right size (id order), else None."""
-    if not cfg.model_name_or_path:
-        return None
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    except Exception:
-        return None  # build_model reports a model that cannot be loaded
-    has_head = any(a.endswith(head_suffix) for a in (getattr(config, "architectures", None) or []))
-    if not has_head:
-        return None
-    if config.num_labels != num_labels:
-        if cfg.ignore_mismatched_sizes:
-            return None
-        raise UsageError(f"model_name_or_path={cfg.model_name_or_path} has a head for {config.num_labels} {what} "
-                         f"but the data has {num_labels}; set ignore_mismatched_sizes=true to train a new head")
-    return [config.id2label[i] for i in range(config.num_labels)]
 
 
 # ---------------------------------------------------------------------- built-in data

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from itertools import chain
 from typing import Optional
 
 from notrainer import builtin, losses
 from notrainer.config import TrainConfig, key
-from notrainer.data import pick_text_column, require_columns
+from notrainer.data import map_splits, pick_text_column, require_columns
 from notrainer.errors import UsageError, check
 
+from . import common
 from .base import Task, require_pad_token, safe_exp, token_losses
 
 
@@ -31,6 +31,10 @@ class CLMConfig(TrainConfig):
     add_eos_token: bool = key(True, "append the end-of-text token to each document before chunking")
     chunked_loss: Optional[bool] = key(None, "lm_head + cross-entropy in chunks, never the full fp32 logits "
                                              "(docs/performance.md); default: on when CUDA is available")
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.block_size is None or self.block_size >= 2, "block_size must be >= 2")
 
 
 class CLMTask(Task):
@@ -54,26 +58,16 @@ class CLMTask(Task):
     def text_column(self, ds) -> str:
         return pick_text_column(ds, self.cfg.text_column)
 
-    def max_positions(self, model) -> int | None:
-        c = model.config
-        for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
-            if isinstance(getattr(c, attr, None), int):
-                return getattr(c, attr)
-        return None
+    # ------------------------------------------------------------------ setup (lifecycle step 5)
 
-    def block_size(self, tokenizer, model) -> int:
-        limit = self.max_positions(model)
-        if self.cfg.block_size is not None:
-            check(self.cfg.block_size >= 2, "block_size must be >= 2")
-            check(limit is None or self.cfg.block_size <= limit,
-                  f"block_size={self.cfg.block_size} is larger than the model's {limit} positions; use block_size<={limit}")
-            return self.cfg.block_size
-        candidates = [1024] + [x for x in (limit, tokenizer.model_max_length) if x and x < 10**6]
-        return min(candidates)
+    #: tokens per block (or per line with line_by_line=true): block_size, else what the model fits
+    _block_size: Optional[int] = None
+    #: the switchable lm_head when the chunked loss is on (notrainer.losses), else None
+    _head = None
 
-    def check_model(self, model, tokenizer) -> None:
-        super().check_model(model, tokenizer)
-        self._block_size = self.block_size(tokenizer, model)
+    def setup(self, model, tokenizer) -> None:
+        super().setup(model, tokenizer)
+        self._block_size = common.fit_length("block_size", self.cfg.block_size, model, tokenizer, default_cap=1024)
         self._head = self.chunked_loss_head(model)
         if self.cfg.line_by_line:
             require_pad_token(tokenizer, "line_by_line=true (padding)")
@@ -84,25 +78,19 @@ class CLMTask(Task):
         for split in raw.values():
             require_columns(split, {"text_column": col})
         eos = tokenizer.eos_token if cfg.add_eos_token and tokenizer.eos_token else ""
-        map_kwargs = dict(batched=True, num_proc=cfg.preprocessing_num_workers,
-                          load_from_cache_file=not cfg.overwrite_cache)
 
         if cfg.line_by_line:
             def tokenize(batch):
                 texts = [t + eos for t in batch[col] if t and t.strip()]
                 return tokenizer(texts, truncation=True, max_length=block)
 
-            tokenized = raw.map(tokenize, remove_columns=next(iter(raw.values())).column_names,
-                                desc="tokenizing", **map_kwargs)
-            return tokenized
+            return map_splits(raw, tokenize, cfg, desc="tokenizing")
 
         def tokenize(batch):
             return tokenizer([t + eos for t in batch[col] if t is not None])
 
         def group(batch):
-            joined = {k: list(chain(*batch[k])) for k in batch}
-            total = (len(joined["input_ids"]) // block) * block
-            out = {k: [v[i:i + block] for i in range(0, total, block)] for k, v in joined.items()}
+            out = common.group_into_blocks(batch, block)
             out["labels"] = [ids[:] for ids in out["input_ids"]]
             # Packed blocks have no padding, so their attention_mask is all ones. Without it the
             # model takes SDPA's is_causal path: flash attention, also under torch.compile (a
@@ -111,16 +99,8 @@ class CLMTask(Task):
             out.pop("attention_mask", None)
             return out
 
-        columns = {name: split.column_names for name, split in raw.items()}
-        tokenized = {name: split.map(tokenize, remove_columns=columns[name], desc=f"tokenizing {name}", **map_kwargs)
-                     for name, split in raw.items()}
-        import datasets
-
-        grouped = datasets.DatasetDict({
-            name: split.map(group, remove_columns=split.column_names, desc=f"grouping {name} into blocks of {block}",
-                            **map_kwargs)
-            for name, split in tokenized.items()
-        })
+        tokenized = map_splits(raw, tokenize, cfg, desc="tokenizing")
+        grouped = map_splits(tokenized, group, cfg, desc=f"grouping into blocks of {block}:")
         if "train" in grouped:
             check(len(grouped["train"]) > 0,
                   f"the training text is shorter than one block of {block} tokens; lower block_size or add data")
@@ -135,15 +115,13 @@ class CLMTask(Task):
 
     # ------------------------------------------------------------------ loss and metrics
 
-    _head = None  # the switchable lm_head when the chunked loss is on (see check_model)
-
     def chunked_loss_head(self, model):
         """Install the switchable lm_head for notrainer.losses when chunked_loss is on (or auto
         on CUDA and supported); None otherwise."""
         import torch
 
         want = self.cfg.chunked_loss
-        reason = losses.unsupported_reason(model) or _sharded_reason()
+        reason = losses.unsupported_reason(model) or common.sharded_reason()
         if want and reason:
             raise UsageError(f"chunked_loss=true: {reason}; set chunked_loss=false")
         if want is None:
@@ -164,8 +142,7 @@ class CLMTask(Task):
                                            compiled=self.cfg.torch_compile)
 
     def num_items(self, batch):
-        # The model shifts labels by one: the last position of each row predicts nothing.
-        return (batch["labels"][:, 1:] != -100).sum()
+        return shifted_targets(batch)
 
     def eval_step(self, model, batch):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -179,7 +156,7 @@ class CLMTask(Task):
         return token_losses(logits, batch["labels"], shift=True)
 
     def compute_metrics(self, outputs, eval_loss):
-        return {"perplexity": safe_exp(eval_loss)}
+        return perplexity(eval_loss)
 
     # prediction mode: the loss of each example (a block, or a line with line_by_line=true)
     def predict_step(self, model, batch):
@@ -195,21 +172,15 @@ class CLMTask(Task):
         return records
 
 
-def _sharded_reason() -> str | None:
-    """The chunked loss reads lm_head.weight outside the model's forward, which FSDP and
-    DeepSpeed ZeRO-3 only hold as shards there."""
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedType
+def shifted_targets(batch):
+    """Target tokens of a causal LM batch: the model shifts labels by one, so the first label
+    of each row is never predicted (clm and sft weigh micro-batches by this)."""
+    return (batch["labels"][:, 1:] != -100).sum()
 
-    if not AcceleratorState._shared_state:
-        return None
-    state = AcceleratorState()
-    if state.distributed_type == DistributedType.FSDP:
-        return "FSDP shards lm_head.weight outside the forward pass"
-    plugin = getattr(state, "deepspeed_plugin", None)
-    if state.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3:
-        return "DeepSpeed ZeRO-3 shards lm_head.weight outside the forward pass"
-    return None
+
+def perplexity(eval_loss) -> dict[str, float]:
+    """A causal LM's metrics: exp of the mean loss per target token (clm and sft)."""
+    return {"perplexity": safe_exp(eval_loss)}
 
 
 # ---------------------------------------------------------------------- built-in corpus

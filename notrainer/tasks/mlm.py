@@ -17,15 +17,15 @@ training); use pipeline("fill-mask", model=output_dir) on the exported model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import chain
 from typing import Optional
 
 import torch
 
 from notrainer.config import TrainConfig, key
-from notrainer.data import pick_text_column, require_columns
+from notrainer.data import map_splits, pick_text_column, require_columns
 from notrainer.errors import check
 
+from . import common
 from .base import Task, require_pad_token, safe_exp, token_losses
 
 
@@ -68,34 +68,27 @@ class MLMTask(Task):
     def text_column(self, ds) -> str:
         return pick_text_column(ds, self.cfg.text_column)
 
-    def check_model(self, model, tokenizer) -> None:
-        super().check_model(model, tokenizer)
+    # ------------------------------------------------------------------ setup (lifecycle step 5)
+
+    #: tokens per block (or per line with line_by_line=true): max_seq_length, else what the model fits
+    _max_len: Optional[int] = None
+
+    def setup(self, model, tokenizer) -> None:
+        super().setup(model, tokenizer)
         check(tokenizer.mask_token is not None,
               "the tokenizer has no mask token, which masked language modelling needs; use an encoder's "
               "tokenizer (BERT, RoBERTa, ...) or task=clm for a decoder")
         check(not self.cfg.whole_word_masking or tokenizer.is_fast,
               "whole_word_masking=true needs a fast tokenizer (offset mappings)")
         require_pad_token(tokenizer, "masked language modelling (padding)")
-        limit = getattr(model.config, "max_position_embeddings", None)
-        limit = limit if isinstance(limit, int) else None
-        if self.cfg.max_seq_length is not None:
-            check(limit is None or self.cfg.max_seq_length <= limit,
-                  f"max_seq_length={self.cfg.max_seq_length} is larger than the model's {limit} positions; "
-                  f"use max_seq_length<={limit}")
-            self._max_len = self.cfg.max_seq_length
-        else:
-            self._max_len = min(x for x in (512, limit, tokenizer.model_max_length) if x)
+        self._max_len = common.fit_length("max_seq_length", self.cfg.max_seq_length, model, tokenizer, default_cap=512)
 
     def prepare_datasets(self, raw, tokenizer):
-        import datasets
-
         cfg, max_len = self.cfg, self._max_len
         col = self.text_column(raw["train"] if "train" in raw else next(iter(raw.values())))
         for split in raw.values():
             require_columns(split, {"text_column": col})
         wwm = cfg.whole_word_masking
-        map_kwargs = dict(batched=True, num_proc=cfg.preprocessing_num_workers,
-                          load_from_cache_file=not cfg.overwrite_cache)
 
         if cfg.line_by_line:
             def tokenize(batch):
@@ -103,24 +96,17 @@ class MLMTask(Task):
                 return tokenizer(texts, truncation=True, max_length=max_len, return_special_tokens_mask=True,
                                  return_offsets_mapping=wwm)
 
-            blocks = datasets.DatasetDict({
-                name: split.map(tokenize, remove_columns=split.column_names, desc=f"tokenizing {name}", **map_kwargs)
-                for name, split in raw.items()})
+            blocks = map_splits(raw, tokenize, cfg, desc="tokenizing")
         else:
             def tokenize(batch):
                 return tokenizer([t for t in batch[col] if t], return_special_tokens_mask=True,
                                  return_offsets_mapping=wwm)
 
             def group(batch):
-                joined = {k: list(chain(*batch[k])) for k in batch}
-                total = len(joined["input_ids"]) // max_len * max_len
-                return {k: [v[i:i + max_len] for i in range(0, total, max_len)] for k, v in joined.items()}
+                return common.group_into_blocks(batch, max_len)
 
-            tokenized = {name: split.map(tokenize, remove_columns=split.column_names, desc=f"tokenizing {name}",
-                                         **map_kwargs) for name, split in raw.items()}
-            blocks = datasets.DatasetDict({
-                name: split.map(group, desc=f"grouping {name} into blocks of {max_len}", **map_kwargs)
-                for name, split in tokenized.items()})
+            tokenized = map_splits(raw, tokenize, cfg, desc="tokenizing")
+            blocks = map_splits(tokenized, group, cfg, desc=f"grouping into blocks of {max_len}:")
         for name, split in blocks.items():
             check(len(split) > 0, f"the {name} text is shorter than one block of {max_len} tokens; "
                                   "lower max_seq_length, add text, or use line_by_line=true")

@@ -30,10 +30,12 @@ import numpy as np
 import torch
 
 from notrainer import builtin, data
+from notrainer.data import map_splits
 from notrainer.config import TrainConfig, key
 from notrainer.errors import UsageError, check
 
 from .base import Task
+from .common import check_length
 from .qa_postprocess import Feature, postprocess_predictions
 
 EVAL_PREDICTIONS_FILE = "eval_predictions.jsonl"
@@ -51,6 +53,12 @@ class QAConfig(TrainConfig):
     max_answer_length: int = key(30, "longest answer, in tokens")
     null_score_diff_threshold: float = key(0.0, "v2: answer empty when null score - best span score exceeds this")
 
+    def validate(self) -> None:
+        super().validate()
+        check(self.max_seq_length >= 8, "max_seq_length must be >= 8")
+        check(0 <= self.doc_stride < self.max_seq_length, "doc_stride must be >= 0 and smaller than max_seq_length")
+        check(self.n_best_size >= 1 and self.max_answer_length >= 1, "n_best_size and max_answer_length must be >= 1")
+
 
 class QATask(Task):
     name = "qa"
@@ -65,10 +73,7 @@ class QATask(Task):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        check(cfg.max_seq_length >= 8, "max_seq_length must be >= 8")
-        check(0 <= cfg.doc_stride < cfg.max_seq_length, "doc_stride must be >= 0 and smaller than max_seq_length")
-        check(cfg.n_best_size >= 1 and cfg.max_answer_length >= 1, "n_best_size and max_answer_length must be >= 1")
-        # Per split: the questions and each window's (question index, offsets, CLS index). The
+        # Set by prepare_datasets, per split: the questions and each window's (question index, offsets, CLS index). The
         # loop cannot gather these (they are not tensors); windows are found by their index.
         self._examples: dict[str, list[dict]] = {}
         self._features: dict[str, list[Feature]] = {}
@@ -111,23 +116,57 @@ class QATask(Task):
         return builtin.tiny_config(self.tiny_model_type, tokenizer, hidden_dropout_prob=0.0,
                                    attention_probs_dropout_prob=0.0)
 
-    def check_model(self, model, tokenizer):
-        super().check_model(model, tokenizer)
+    def setup(self, model, tokenizer):
+        super().setup(model, tokenizer)
         check(getattr(tokenizer, "is_fast", False),
               "task=qa needs a fast tokenizer (offset mappings); use a model that ships tokenizer.json")
-        limit = getattr(model.config, "max_position_embeddings", None)
-        check(limit is None or self.cfg.max_seq_length <= limit,
-              f"max_seq_length={self.cfg.max_seq_length} is more than the model's {limit} positions; "
-              f"use max_seq_length<={limit}")
+        check_length("max_seq_length", self.cfg.max_seq_length, model)
 
     def prepare_datasets(self, raw, tokenizer):
+        cfg = self.cfg
+        for split, ds in raw.items():
+            self._examples[split] = self._checked_examples(ds, split, tokenizer)
+        pad_right = tokenizer.padding_side == "right"
+        context_seq = 1 if pad_right else 0
+
+        def encode(batch, indices, has_answers: bool):
+            questions = [q.lstrip() for q in batch[cfg.question_column]]  # leading spaces waste window room
+            contexts = batch[cfg.context_column]
+            answers = [normalise_answers(a) for a in batch[cfg.answer_column]] if has_answers else None
+            enc = tokenizer(questions if pad_right else contexts, contexts if pad_right else questions,
+                            truncation="only_second" if pad_right else "only_first", max_length=cfg.max_seq_length,
+                            stride=cfg.doc_stride, return_overflowing_tokens=True, return_offsets_mapping=True)
+            columns = {k: enc[k] for k in enc.keys() if k not in ("offset_mapping", "overflow_to_sample_mapping")}
+            # What post-processing needs of each window travels as columns (map may run in
+            # worker processes) and becomes a Feature once mapped; see _take_features.
+            example_index, context_offsets, cls_index, starts, ends = [], [], [], [], []
+            for i, offsets in enumerate(enc["offset_mapping"]):
+                row = enc["overflow_to_sample_mapping"][i]
+                seq_ids = enc.sequence_ids(i)
+                input_ids = enc["input_ids"][i]
+                cls = input_ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in input_ids else 0
+                in_context = [tuple(o) if seq_ids[t] == context_seq else None for t, o in enumerate(offsets)]
+                example_index.append(indices[row])
+                context_offsets.append(in_context)
+                cls_index.append(cls)
+                if answers is not None:
+                    start, end = answer_tokens(answers[row], in_context, cls)
+                    starts.append(start)
+                    ends.append(end)
+            if answers is not None:
+                columns["start_positions"], columns["end_positions"] = starts, ends
+            columns.update(_example_index=example_index, _context_offsets=context_offsets, _cls_index=cls_index)
+            return columns
+
+        mapped = map_splits(raw, encode, cfg, desc="tokenizing", with_indices=True,
+                            split_kwargs=lambda name: {"has_answers": cfg.answer_column in raw[name].column_names})
         import datasets
 
-        return datasets.DatasetDict({split: self._features_for(ds, split, tokenizer) for split, ds in raw.items()})
+        return datasets.DatasetDict({split: self._take_features(ds, split) for split, ds in mapped.items()})
 
-    def _features_for(self, ds, split: str, tokenizer):
-        import datasets
-
+    def _checked_examples(self, ds, split: str, tokenizer) -> list[dict]:
+        """Every question of a split checked before tokenizing (columns, empty texts, answer
+        offsets, room beside the question), as the examples post-processing reads."""
         cfg = self.cfg
         self._require(ds, split)
         ids = [str(i) for i in ds["id"]] if "id" in ds.column_names else [str(i) for i in range(len(ds))]
@@ -135,38 +174,24 @@ class QATask(Task):
             empty = [i for i, text in enumerate(ds[column]) if not isinstance(text, str) or not text.strip()]
             check(not empty, f"the {split} split has {len(empty)} empty {column!r} value(s) "
                              f"(first: id {ids[empty[0]] if empty else ''}); remove or fill them")
-        questions = [q.lstrip() for q in ds[cfg.question_column]]  # leading spaces waste window room
+        questions = [q.lstrip() for q in ds[cfg.question_column]]
         contexts = list(ds[cfg.context_column])
         answers = [normalise_answers(a) for a in ds[cfg.answer_column]] if cfg.answer_column in ds.column_names \
             else [None] * len(ds)
         for i, (context, ans) in enumerate(zip(contexts, answers)):
             check_answers(ids[i], context, ans, split, cfg.version_2_with_negative)
         self._check_room(questions, ids, tokenizer)
+        return [{"id": ids[i], "context": contexts[i], "answers": answers[i]} for i in range(len(ds))]
 
-        pad_right = tokenizer.padding_side == "right"
-        enc = tokenizer(questions if pad_right else contexts, contexts if pad_right else questions,
-                        truncation="only_second" if pad_right else "only_first", max_length=cfg.max_seq_length,
-                        stride=cfg.doc_stride, return_overflowing_tokens=True, return_offsets_mapping=True)
-        context_seq = 1 if pad_right else 0
-        columns = {k: enc[k] for k in enc.keys() if k not in ("offset_mapping", "overflow_to_sample_mapping")}
-        starts, ends, features = [], [], []
-        for i, offsets in enumerate(enc["offset_mapping"]):
-            example = enc["overflow_to_sample_mapping"][i]
-            seq_ids = enc.sequence_ids(i)
-            input_ids = enc["input_ids"][i]
-            cls = input_ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in input_ids else 0
-            context_offsets = [tuple(o) if seq_ids[t] == context_seq else None for t, o in enumerate(offsets)]
-            features.append(Feature(example, context_offsets, cls))
-            start, end = answer_tokens(answers[example], context_offsets, cls)
-            starts.append(start)
-            ends.append(end)
-        if all(a is not None for a in answers):
-            columns["start_positions"], columns["end_positions"] = starts, ends
+    def _take_features(self, ds, split: str):
+        """Move the windows' post-processing columns into self._features[split]; evaluation and
+        prediction windows get the feature_index the loop gathers."""
+        self._features[split] = [Feature(e, [tuple(o) if o is not None else None for o in offsets], c)
+                                 for e, offsets, c in zip(ds["_example_index"], ds["_context_offsets"], ds["_cls_index"])]
+        ds = ds.remove_columns(["_example_index", "_context_offsets", "_cls_index"])
         if split != "train":
-            columns["feature_index"] = list(range(len(features)))
-        self._examples[split] = [{"id": ids[i], "context": contexts[i], "answers": answers[i]} for i in range(len(ds))]
-        self._features[split] = features
-        return datasets.Dataset.from_dict(columns)
+            ds = ds.add_column("feature_index", list(range(len(ds))))
+        return ds
 
     def _check_room(self, questions, ids, tokenizer) -> None:
         """Every window must hold the whole question and more than doc_stride context tokens."""

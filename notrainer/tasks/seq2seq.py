@@ -27,10 +27,11 @@ import torch
 
 from notrainer import builtin
 from notrainer.config import TrainConfig, key
-from notrainer.data import require_columns
-from notrainer.errors import UsageError, check
+from notrainer.data import map_splits, require_columns
+from notrainer.errors import UsageError, check, first_line
 
-from .base import Task, _first_line, token_losses
+from . import common
+from .base import Task, token_losses
 
 #: (source, target) column names used when source_column/target_column are not given
 KNOWN_COLUMNS = [("source", "target"), ("document", "summary"), ("article", "highlights"), ("text", "summary"),
@@ -50,6 +51,15 @@ class Seq2SeqConfig(TrainConfig):
     num_beams: int = key(1, "beams for generation in evaluation and prediction")
     generation_max_length: Optional[int] = key(None, "max new tokens generated (default: max_target_length)")
 
+    def validate(self) -> None:
+        super().validate()
+        check(self.max_source_length >= 1 and self.max_target_length >= 1,
+              "max_source_length and max_target_length must be >= 1")
+        check(self.num_beams >= 1, "num_beams must be >= 1")
+        check(self.generation_max_length is None or self.generation_max_length >= 1, "generation_max_length must be >= 1")
+        check((self.source_column is None) == (self.target_column is None),
+              "give both source_column=... and target_column=...")
+
 
 class Seq2SeqTask(Task):
     name = "seq2seq"
@@ -61,15 +71,13 @@ class Seq2SeqTask(Task):
                              per_device_eval_batch_size=64, warmup_ratio=0.05, lr_scheduler_type="linear",
                              max_source_length=32, max_target_length=32)
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        check(cfg.max_source_length >= 1 and cfg.max_target_length >= 1,
-              "max_source_length and max_target_length must be >= 1")
-        check(cfg.num_beams >= 1, "num_beams must be >= 1")
-        check(cfg.generation_max_length is None or cfg.generation_max_length >= 1, "generation_max_length must be >= 1")
-        self._model = self._tokenizer = None
-        self._sources: dict[str, list[str]] = {}  # the test split's source texts, for prediction records
-        self._metrics = None
+    #: set by setup: the collator makes decoder_input_ids with the model; evaluation decodes with the tokenizer
+    _model = None
+    _tokenizer = None
+    #: set by prepare_datasets: the test split's source texts, for the prediction records
+    _sources: Optional[dict] = None
+    #: loaded on first use: rouge, sacrebleu, chrf
+    _metrics: Optional[dict] = None
 
     # ------------------------------------------------------------------ data
 
@@ -80,8 +88,7 @@ class Seq2SeqTask(Task):
     def columns(self, ds, split: str = "train") -> tuple[str, str]:
         """(source, target) column names, or ("translation", "translation") for translation records."""
         cfg, names = self.cfg, ds.column_names
-        if cfg.source_column or cfg.target_column:
-            check(cfg.source_column and cfg.target_column, "give both source_column=... and target_column=...")
+        if cfg.source_column:  # Config.validate: both or neither
             return cfg.source_column, cfg.target_column
         if "translation" in names:
             langs = set(_translation_langs(ds))
@@ -101,22 +108,25 @@ class Seq2SeqTask(Task):
     def texts(self, ds, split: str) -> tuple[list[str], list[str] | None]:
         """Source texts (with the prefix) and target texts (None for an unlabelled test split)."""
         src_col, tgt_col = self.columns(ds, split)
-        if src_col == "translation":
-            records = list(ds["translation"])
-            sources = [r.get(self.cfg.source_lang) for r in records]
-            targets = [r.get(self.cfg.target_lang) for r in records]
-        else:
+        if src_col != "translation":
             require_columns(ds, {"source_column": src_col})
             if split != "test":
                 require_columns(ds, {"target_column": tgt_col})
-            sources = list(ds[src_col])
-            targets = list(ds[tgt_col]) if tgt_col in ds.column_names else None
+        sources, targets = self.pick_texts(ds, ds.column_names, src_col, tgt_col)
         _check_texts(sources, f"the {split} split", "source")
         if split == "test" and targets is not None and not all(t and str(t).strip() for t in targets):
             targets = None  # prediction needs no targets (a test file loaded beside labelled ones has empty ones)
         if targets is not None:
             _check_texts(targets, f"the {split} split", "target")
         return [self.cfg.source_prefix + s for s in sources], targets
+
+    def pick_texts(self, table, names, src_col: str, tgt_col: str) -> tuple[list, list | None]:
+        """Sources and targets (None without a target column) of a split or a map batch, as
+        they are (no prefix, not checked)."""
+        if src_col == "translation":
+            records = list(table["translation"])
+            return [r.get(self.cfg.source_lang) for r in records], [r.get(self.cfg.target_lang) for r in records]
+        return list(table[src_col]), (list(table[tgt_col]) if tgt_col in names else None)
 
     def tokenizer_texts(self, raw):
         sources, targets = self.texts(raw["train"], "train")
@@ -135,21 +145,26 @@ class Seq2SeqTask(Task):
         return tokenizer
 
     def prepare_datasets(self, raw, tokenizer):
-        import datasets
-
         cfg = self.cfg
-        out = {}
+        self._sources = {}
+        plans = {}  # split -> how encode reads it: source column, target column, with targets
         for split, ds in raw.items():
-            sources, targets = self.texts(ds, split)
+            sources, targets = self.texts(ds, split)  # every row checked here, before tokenizing
             if split == "test":  # kept for the prediction records
                 self._sources[split] = sources
-            enc = tokenizer(sources, max_length=cfg.max_source_length, truncation=True)
-            columns = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-            if targets is not None:
-                columns["labels"] = tokenizer(text_target=targets, max_length=cfg.max_target_length,
-                                              truncation=True)["input_ids"]
-            out[split] = datasets.Dataset.from_dict(columns)
-        return datasets.DatasetDict(out)
+            src_col, tgt_col = self.columns(ds, split)
+            plans[split] = dict(src_col=src_col, tgt_col=tgt_col, with_targets=targets is not None)
+
+        def encode(batch, src_col, tgt_col, with_targets):
+            sources, targets = self.pick_texts(batch, batch.keys(), src_col, tgt_col)
+            enc = tokenizer([cfg.source_prefix + s for s in sources], max_length=cfg.max_source_length, truncation=True)
+            out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+            if with_targets:
+                out["labels"] = tokenizer(text_target=targets, max_length=cfg.max_target_length,
+                                          truncation=True)["input_ids"]
+            return out
+
+        return map_splits(raw, encode, cfg, desc="tokenizing", split_kwargs=plans.__getitem__)
 
     def collator(self, tokenizer):
         from transformers import DataCollatorForSeq2Seq
@@ -169,7 +184,7 @@ class Seq2SeqTask(Task):
             try:
                 config = AutoConfig.from_pretrained(name, trust_remote_code=self.cfg.trust_remote_code)
             except Exception as e:
-                raise UsageError(f"model {name!r} could not be loaded: {_first_line(e)}") from None
+                raise UsageError(f"model {name!r} could not be loaded: {first_line(e)}") from None
             _require_encoder_decoder(config, name)
         return super().build_model(tokenizer)
 
@@ -177,8 +192,8 @@ class Seq2SeqTask(Task):
         # No dropout: the tiny random-init model has a few hundred steps to learn the toy data.
         return builtin.tiny_config(self.tiny_model_type, tokenizer, dropout_rate=0.0)
 
-    def check_model(self, model, tokenizer):
-        super().check_model(model, tokenizer)
+    def setup(self, model, tokenizer):
+        super().setup(model, tokenizer)
         _require_encoder_decoder(model.config, self.cfg.model_name_or_path or self.cfg.config_name or "the model")
         start = getattr(model.generation_config, "decoder_start_token_id", None)
         if start is None:
@@ -197,7 +212,7 @@ class Seq2SeqTask(Task):
         model = getattr(model, "module", model)  # generate on the model inside a DDP wrapper
         return model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               max_new_tokens=self.cfg.generation_max_length or self.cfg.max_target_length,
-                              num_beams=self.cfg.num_beams, synced_gpus=_sharded_weights())
+                              num_beams=self.cfg.num_beams, synced_gpus=common.sharded_reason() is not None)
 
     def eval_step(self, model, batch):
         logits = model(**batch).logits
@@ -227,7 +242,7 @@ class Seq2SeqTask(Task):
 
     def format_predictions(self, outputs, dataset):
         predictions = self.decode(outputs["generated"])
-        return [{"source": s, "prediction": p} for s, p in zip(self._sources.get("test", [""] * len(predictions)),
+        return [{"source": s, "prediction": p} for s, p in zip((self._sources or {}).get("test", [""] * len(predictions)),
                                                                  predictions)]
 
     # ------------------------------------------------------------------ helpers
@@ -263,24 +278,6 @@ def _require_encoder_decoder(config, name: str) -> None:
           f"task=seq2seq needs an encoder-decoder model (T5, BART, Marian, ...); {name} is a "
           f"{getattr(config, 'model_type', 'decoder-only')} model without a decoder stack "
           "(for a decoder-only model use task=sft or task=clm)")
-
-
-def _sharded_weights() -> bool:
-    """Under ZeRO-3 or FSDP every rank must keep stepping generate until all are done."""
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedType
-
-    try:
-        state = AcceleratorState()
-    except Exception:
-        return False
-    if state.distributed_type == DistributedType.FSDP:
-        return True
-    if state.distributed_type == DistributedType.DEEPSPEED:
-        from transformers.integrations import is_deepspeed_zero3_enabled
-
-        return is_deepspeed_zero3_enabled()
-    return False
 
 
 def _translation_langs(ds) -> list[str]:

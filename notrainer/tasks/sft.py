@@ -28,11 +28,12 @@ import torch
 
 from notrainer import builtin
 from notrainer.config import TrainConfig, key
-from notrainer.data import require_columns
-from notrainer.errors import UsageError, check
+from notrainer.data import map_splits, require_columns
+from notrainer.errors import UsageError, check, first_line
 
-from .base import safe_exp, token_losses
-from .clm import CLMTask
+from . import common
+from .base import Task, token_losses
+from .clm import perplexity, shifted_targets
 
 #: Used when the tokenizer has no chat template of its own (the built-in tokenizer, base models).
 #: Every turn is "role: content<eos>" (no newline: the built-in tokenizer has none in its vocabulary);
@@ -60,10 +61,12 @@ class SFTConfig(TrainConfig):
         check(self.max_seq_length is None or self.max_seq_length >= 2, "max_seq_length must be >= 2")
 
 
-class SFTTask(CLMTask):
+class SFTTask(Task):
     name = "sft"
     Config = SFTConfig
-    tiny_model_type = "llama"  # its attention honours packed position ids (see check_model)
+    auto_model = "AutoModelForCausalLM"
+    tiny_model_type = "llama"  # its attention honours packed position ids (see setup)
+    tokenizer_style = "gpt"
     embedded_defaults = dict(learning_rate=3e-3, num_train_epochs=2.0, per_device_train_batch_size=16,
                              per_device_eval_batch_size=32, warmup_ratio=0.05, lr_scheduler_type="cosine",
                              weight_decay=0.01)
@@ -93,17 +96,23 @@ class SFTTask(CLMTask):
                          f"{cfg.response_column!r} columns; the data has {', '.join(ds.column_names)} "
                          "(set messages_column=, or prompt_column= and response_column=)")
 
-    def check_model(self, model, tokenizer) -> None:
-        super(CLMTask, self).check_model(model, tokenizer)
+    # ------------------------------------------------------------------ setup (lifecycle step 5)
+
+    #: tokens per example: max_seq_length, else what the model fits
+    _max_len: Optional[int] = None
+    #: the tokenizer, its chat template and pad token settled (prediction decodes with it)
+    _tokenizer = None
+    #: set by prepare_datasets: the test split's prompts, in order, for the prediction records
+    _prompts: Optional[list] = None
+
+    def setup(self, model, tokenizer) -> None:
+        """Settles the example length and the tokenizer: the chat template (chat_template=,
+        else the tokenizer's, else SIMPLE_CHAT_TEMPLATE, saved with it at export) and, without
+        packing, eos as the pad token when it has none."""
+        super().setup(model, tokenizer)
         cfg = self.cfg
-        limit = self.max_positions(model)
-        if cfg.max_seq_length is not None:
-            check(limit is None or cfg.max_seq_length <= limit,
-                  f"max_seq_length={cfg.max_seq_length} is larger than the model's {limit} positions; "
-                  f"use max_seq_length<={limit}")
-            self._max_len = cfg.max_seq_length
-        else:
-            self._max_len = min([1024] + [x for x in (limit, tokenizer.model_max_length) if x and x < 10**6])
+        self._max_len = common.fit_length("max_seq_length", cfg.max_seq_length, model, tokenizer, default_cap=1024)
+        self._tokenizer = tokenizer
         if cfg.chat_template:
             tokenizer.chat_template = _read_template(cfg.chat_template)
         elif tokenizer.chat_template is None:
@@ -146,11 +155,7 @@ class SFTTask(CLMTask):
 
         import datasets
 
-        out = datasets.DatasetDict({
-            name: split.map(encode, batched=True, remove_columns=split.column_names, num_proc=cfg.preprocessing_num_workers,
-                            load_from_cache_file=not cfg.overwrite_cache, desc=f"tokenizing {name}")
-            for name, split in labelled.items()
-        })
+        out = map_splits(datasets.DatasetDict(labelled), encode, cfg, desc="tokenizing")
         if "test" in raw:
             out["test"] = self.prepare_prompts(raw["test"], tokenizer, fmt)
         if "train" in out:
@@ -194,8 +199,11 @@ class SFTTask(CLMTask):
             0, example.flatten(), (labels != -100).long().flatten())
         return {"loss": loss, "num_items": count}
 
+    def num_items(self, batch):
+        return shifted_targets(batch)
+
     def compute_metrics(self, outputs, eval_loss):
-        return {"perplexity": safe_exp(eval_loss)}
+        return perplexity(eval_loss)
 
     # ------------------------------------------------------------------ prediction mode (do_predict)
 
@@ -217,7 +225,7 @@ class SFTTask(CLMTask):
                 prompts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
             else:
                 prompts.append(ds[i][cfg.prompt_column])
-        self._prompts, self._tokenizer = prompts, tokenizer
+        self._prompts = prompts
         enc = tokenizer(prompts, add_special_tokens=fmt != "chat", truncation=True,
                         max_length=max(1, self._max_len - cfg.max_new_tokens))
         import datasets
@@ -234,11 +242,9 @@ class SFTTask(CLMTask):
         mask = torch.zeros_like(ids)
         for i, r in enumerate(rows):
             ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
-        from .clm import _sharded_reason
-
         generated = getattr(model, "module", model).generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
-            pad_token_id=pad, eos_token_id=tok.eos_token_id, synced_gpus=_sharded_reason() is not None)
+            pad_token_id=pad, eos_token_id=tok.eos_token_id, synced_gpus=common.sharded_reason() is not None)
         return {"generated": generated[:, width:]}
 
     def format_predictions(self, outputs, dataset):
@@ -278,8 +284,7 @@ def render_chat(tokenizer, messages) -> tuple[str, list[tuple[int, int]]]:
     except UsageError:
         raise
     except Exception as e:  # template errors (e.g. roles must alternate) are data problems
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"the chat template failed on a record: {first}") from None
+        raise UsageError(f"the chat template failed on a record: {first_line(e)}") from None
     return text, spans
 
 

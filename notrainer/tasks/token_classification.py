@@ -20,15 +20,14 @@ import random
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 
 from notrainer import builtin
 from notrainer.config import TrainConfig, key
-from notrainer.data import require_columns
+from notrainer.data import map_splits, require_columns
 from notrainer.errors import UsageError, check
 
 from .base import Task, require_pad_token, token_losses
-from .classification import check_head_size
+from .common import check_head_size, check_length, check_no_unseen_labels, label_ids, label_name
 
 WORDS_CANDIDATES = ("words", "tokens")
 TAGS_CANDIDATES = ("ner", "ner_tags", "tags", "labels", "pos_tags")
@@ -49,6 +48,8 @@ class TokenClassificationConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         check(self.max_seq_length >= 2, "max_seq_length must be >= 2")
+        check(self.words_column is None or self.words_column != self.tags_column,
+              "words_column and tags_column must name different columns")
 
 
 class TokenClassificationTask(Task):
@@ -60,12 +61,18 @@ class TokenClassificationTask(Task):
     embedded_defaults = dict(learning_rate=2e-3, num_train_epochs=4.0, per_device_train_batch_size=32,
                              per_device_eval_batch_size=64, max_seq_length=64, warmup_ratio=0.1, weight_decay=0.01)
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.label_names: list[str] = []
-        self._class_names: list[str] | None = None
-        self._raw_test = None
-        self._metric = None
+    # Settled by load_raw_datasets (lifecycle step 2): the model's head follows from them.
+    #: the columns of the words and of the tags (None: prediction data without tags)
+    words_col: Optional[str] = None
+    tags_col: Optional[str] = None
+    #: tag names in id order (build_model may reorder them to a fine-tuned head's ids)
+    label_names: list[str] = []
+    #: a ClassLabel feature's names (raw ints -> names), else None
+    _class_names: Optional[list[str]] = None
+    #: the raw test split: prediction records carry its words
+    _raw_test = None
+    #: metric=..., loaded in load_raw_datasets (an unknown name fails early), else seqeval on first use
+    _metric = None
 
     # ------------------------------------------------------------------ data
 
@@ -120,20 +127,13 @@ class TokenClassificationTask(Task):
             seen = self._tags_in(raw["train"][self.tags_col])
             check(len(seen) > 0, "the training data has no tags")
             self.label_names = sorted(seen)
-        for split_name in ("validation",):
-            if split_name in raw and self.tags_col in raw[split_name].column_names:
-                unseen = sorted(self._tags_in(raw[split_name][self.tags_col]) - set(self.label_names))
-                check(not unseen, f"the {split_name} data has tags never seen in training: "
-                                  f"{', '.join(map(repr, unseen[:5]))}{' ...' if len(unseen) > 5 else ''}; "
-                                  "add examples of them to the training data or remove them")
+        check_no_unseen_labels(raw, self.tags_col, self._tags_in, self.label_names, "tags")
 
     def _tags_in(self, rows) -> set[str]:
         return {self._name(t) for row in rows for t in row}
 
     def _name(self, tag) -> str:
-        if self._class_names is not None and isinstance(tag, (int, np.integer)):
-            return self._class_names[tag]
-        return str(tag)
+        return label_name(tag, self._class_names)
 
     def _labels_from_model(self) -> None:
         config = self.pretrained_config("tags")
@@ -141,7 +141,7 @@ class TokenClassificationTask(Task):
 
     @property
     def label2id(self) -> dict[str, int]:
-        return {n: i for i, n in enumerate(self.label_names)}
+        return label_ids(self.label_names)
 
     def b_to_i(self) -> list[int]:
         """For each tag id, the id sub-tokens after the first get under label_all_tokens."""
@@ -170,8 +170,6 @@ class TokenClassificationTask(Task):
 
     def prepare_datasets(self, raw, tokenizer):
         cfg = self.cfg
-        check(tokenizer.is_fast, "token classification needs a fast tokenizer (word_ids()); "
-                                 "use a model or tokenizer_name with a tokenizer.json")
         words_col, tags_col = self.words_col, self.tags_col
         ids, follow = self.label2id, self.b_to_i()
 
@@ -199,16 +197,8 @@ class TokenClassificationTask(Task):
             enc["labels"] = all_labels
             return enc
 
-        import datasets
-
         # test data is only predicted: its tags, if any, are not read
-        return datasets.DatasetDict({
-            name: split.map(preprocess, batched=True, remove_columns=split.column_names,
-                            fn_kwargs={"with_labels": name != "test"}, num_proc=cfg.preprocessing_num_workers,
-                            load_from_cache_file=not cfg.overwrite_cache,
-                            desc=f"tokenizing {name}")
-            for name, split in raw.items()
-        })
+        return map_splits(raw, preprocess, cfg, desc="tokenizing", split_kwargs=lambda name: {"with_labels": name != "test"})
 
     def collator(self, tokenizer):
         from transformers import DataCollatorForTokenClassification
@@ -227,13 +217,12 @@ class TokenClassificationTask(Task):
             self.label_names = order  # a fine-tuned head keeps its own tag ids
         return super().build_model(tokenizer)
 
-    def check_model(self, model, tokenizer) -> None:
-        super().check_model(model, tokenizer)
+    def setup(self, model, tokenizer) -> None:
+        super().setup(model, tokenizer)
+        check(tokenizer.is_fast, "token classification needs a fast tokenizer (word_ids()); "
+                                 "use a model or tokenizer_name with a tokenizer.json")
         require_pad_token(tokenizer, "batching sentences of different lengths")
-        limit = getattr(model.config, "max_position_embeddings", None)
-        check(not isinstance(limit, int) or self.cfg.max_seq_length <= limit,
-              f"max_seq_length={self.cfg.max_seq_length} is larger than the model's {limit} positions; "
-              f"use max_seq_length<={limit}")
+        check_length("max_seq_length", self.cfg.max_seq_length, model)
 
     # ------------------------------------------------------------------ training and evaluation
 
