@@ -100,6 +100,7 @@ def save(acc, state: RunState, output_dir: str, *, save_total_limit: int | None 
     acc.wait_for_everyone()
     acc.save_state(tmp)
     state.data_rng.save(tmp, acc.process_index)
+    save_loader_state(tmp, acc.process_index, state.loader_state)  # inside tmp: the rename covers it
     acc.wait_for_everyone()  # every rank has written its part
     if acc.is_main_process:
         write_json(os.path.join(tmp, STATE_FILE), snapshot)
@@ -324,10 +325,38 @@ def load(acc, model, state: RunState, output_dir: str, path_or_auto: str) -> Non
         acc.print(f"checkpoint {path} could not be loaded ({error or 'on another rank'}); "
                   f"falling back to {candidates[i + 1]}")
     state.data_rng.load(path, acc.process_index)
+    state.loader_state = load_loader_state(path, acc.process_index, acc.num_processes)
     with open(os.path.join(path, STATE_FILE)) as f:
         state.restore_counters(json.load(f))
     state.last_saved = state.counters()
     acc.print(f"resumed from {path} (step {state.global_step}, epoch {state.epoch})")
+
+
+LOADER_FILE = "loader_state_{}.pt"
+
+
+def save_loader_state(folder: str, rank: int, loader_state: dict | None) -> None:
+    """A stateful (streaming) train loader's position, one file per rank: each rank reads its
+    own shards, so each has its own position."""
+    if loader_state is None:
+        return
+    import torch
+
+    torch.save(loader_state, os.path.join(folder, LOADER_FILE.format(rank)))
+
+
+def load_loader_state(folder: str, rank: int, world_size: int) -> dict | None:
+    import torch
+
+    saved = [n for n in os.listdir(folder) if re.fullmatch(LOADER_FILE.format(r"\d+"), n)]
+    if saved and len(saved) != world_size:  # each rank's position is in its own part of the data
+        raise UsageError(f"resume_from_checkpoint: {folder} holds the streaming data positions of {len(saved)} "
+                         f"process(es), this run has {world_size}; resume with {len(saved)}")
+    file = os.path.join(folder, LOADER_FILE.format(rank))
+    if not os.path.isfile(file):
+        return None
+    # Plain containers, numbers and strings only (no code): the safe loader reads them.
+    return torch.load(file, weights_only=True)
 
 
 def seed_loader(loader, seed: int | None, epoch: int) -> None:

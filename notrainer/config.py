@@ -55,11 +55,14 @@ class LoopConfig:
 
     output_dir: Optional[str] = key("runs/loop", "run directory", "run")
     seed: Optional[int] = key(None, "seed for model init, data order, dropout", "run")
+    data_seed: Optional[int] = key(None, "seed for the data order (the sampler) alone; default: seed", "run")
     num_train_epochs: float = key(1.0, "epochs (ignored when max_train_steps is set)", "optim")
     max_train_steps: Optional[int] = key(None, "optimizer steps in total (overrides num_train_epochs)", "optim")
     gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step", "optim")
     max_grad_norm: float = key(1.0, "clip the gradient norm to this; 0 disables clipping", "optim")
-    mixed_precision: str = key("no", "no, fp16 or bf16", "speed")
+    # Unset: accelerate's (the launch file or `accelerate config`), else no; the CLI writes the
+    # effective value back (run.build), so tasks and config.yaml see what actually runs.
+    mixed_precision: Optional[str] = key(None, "no, fp16 or bf16 (default: the launch file's, else no)", "speed")
     torch_compile: bool = key(False, "compile the model with torch.compile", "speed")
     torch_compile_mode: Optional[str] = key(None, "torch.compile mode (default, reduce-overhead, max-autotune)", "speed")
     peak_tflops: Optional[float] = key(None, "the accelerator's peak TFLOP/s for the logged MFU (default: from a table of "
@@ -76,7 +79,8 @@ class LoopConfig:
     early_stopping_threshold: float = key(0.0, "how much metric_for_best_model must improve to count as better", "loop")
     max_nonfinite_steps: int = key(10, "skip optimizer steps with a NaN/inf loss or gradient norm; stop after this many in a row (0: no check)", "loop")
     logging_steps: int = key(10, "log train loss, lr, grad norm, tokens/s every N optimizer steps", "loop")
-    report_to: str = key("none", "tensorboard, wandb, all or none", "loop")
+    report_to: str = key("none", "trackers, comma-separated: any accelerate supports (tensorboard, wandb, mlflow, "
+                                 "comet_ml, aim, clearml, dvclive, swanlab, trackio), all or none", "loop")
     progress: bool = key(True, "show the progress bar (on the local main process)", "loop")
 
     def validate(self) -> None:
@@ -94,10 +98,11 @@ class LoopConfig:
               "early_stopping_patience must be >= 1")
         check(self.early_stopping_threshold >= 0, "early_stopping_threshold must be >= 0")
         check(self.max_nonfinite_steps >= 0, "max_nonfinite_steps must be >= 0 (0 turns the check off)")
-        check(self.mixed_precision in ("no", "fp16", "bf16"),
+        check(self.mixed_precision in (None, "no", "fp16", "bf16"),
               f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
-        check(self.report_to in ("tensorboard", "wandb", "all", "none"),
-              f"report_to must be tensorboard, wandb, all or none, got {self.report_to!r}")
+        from .trackers import resolve_report_to
+
+        resolve_report_to(self.report_to)  # unknown name or package not installed: one line, now
         if self.checkpointing_steps is not None:
             c = str(self.checkpointing_steps)
             check(c == "epoch" or (c.isdigit() and int(c) > 0),
@@ -114,7 +119,8 @@ class TrainConfig(LoopConfig):
     output_dir: Optional[str] = key(None, "run directory (default runs/<task>)", "run")
     seed: int = key(42, "seed for model init, data order, dropout", "run")
     num_train_epochs: float = key(3.0, "epochs (ignored when max_train_steps is set)", "optim")
-    report_to: str = key("tensorboard", "tensorboard, wandb, all or none", "loop")
+    report_to: str = key("tensorboard", "trackers, comma-separated: any accelerate supports (tensorboard, wandb, "
+                                        "mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio), all or none", "loop")
     task: str = key("clm", "task name (clm, mlm, classification, ...), 'pkg.module:Class' or 'path/file.py:Class'", "run")
     config: Optional[str] = key(None, "YAML file with keys; key=value pairs given after it override it", "run")
     overwrite_output_dir: bool = key(False, "start over in an output_dir that already holds a run (deletes its checkpoints)", "run")
@@ -130,6 +136,12 @@ class TrainConfig(LoopConfig):
     model_class: Optional[str] = key(None, "model class 'pkg.module:Class' or a registered model_type (default: the task's Auto class)", "model")
     trust_remote_code: bool = key(False, "allow model code from the hub", "model")
     ignore_mismatched_sizes: bool = key(False, "load a checkpoint whose head has another size (re-initialises it)", "model")
+    torch_dtype: Optional[str] = key(None, "weight dtype: auto (as saved), bfloat16, float16, float32 (default: transformers' own: "
+                                           "auto for model_name_or_path, the config's for a new model)", "model")
+    attn_implementation: Optional[str] = key(None, "attention kernel: eager, sdpa, flash_attention_2, ... (default: transformers' choice)", "model")
+    quantization: Optional[str] = key(None, "load model_name_or_path quantized with bitsandbytes: nf4, fp4 or int8 (QLoRA; needs lora.r)", "model")
+    load_in_4bit: bool = key(False, "the Trainer/TRL key: same as quantization=nf4", "model")
+    load_in_8bit: bool = key(False, "the Trainer/TRL key: same as quantization=int8", "model")
 
     # --- data
     dataset_name: Optional[str] = key(None, "hub dataset name (online users)", "data")
@@ -147,6 +159,9 @@ class TrainConfig(LoopConfig):
     preprocessing_num_workers: Optional[int] = key(None, "processes for datasets.map", "data")
     overwrite_cache: bool = key(False, "redo tokenization even if datasets has it cached", "data")
     dataloader_num_workers: int = key(0, "DataLoader worker processes", "data")
+    streaming: bool = key(False, "read train_file as a stream: tokenize and pack on the fly, nothing up front "
+                                 "(clm, sft; needs max_train_steps; docs/data.md)", "data")
+    shuffle_buffer_size: int = key(0, "streaming: blocks (or examples) held in a seeded shuffle buffer; 0: file order", "data")
 
     # --- optimisation
     per_device_train_batch_size: int = key(8, "micro-batch size per process", "optim")
@@ -167,6 +182,14 @@ class TrainConfig(LoopConfig):
     gradient_checkpointing: bool = key(False, "recompute activations in backward to save memory", "speed")
 
     # --- evaluation, checkpoints, logging
+
+    # --- sharing on the Hugging Face Hub (notrainer/hub.py, docs/observability.md)
+    push_to_hub: bool = key(False, "upload the final model, model card and report to the Hub (checked before training)", "hub")
+    hub_model_id: Optional[str] = key(None, "Hub repo, 'name' or 'namespace/name' (default: output_dir's name)", "hub")
+    hub_private_repo: Optional[bool] = key(None, "create the repo private (default: the Hub's default)", "hub")
+    hub_token: Optional[str] = key(None, "Hub token (default: HF_TOKEN or `hf auth login`); never written to config.yaml", "hub")
+    hub_strategy: str = key("end", "end; checkpoint (also each checkpoint when saved, as last-checkpoint/); "
+                                   "all_checkpoints (also each checkpoint, under checkpoints/); every_save (= end)", "hub")
 
     # --- optional features
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapters (lora.r, lora.alpha, ...)", "group": "lora"})
@@ -192,6 +215,10 @@ class TrainConfig(LoopConfig):
             check(self.do_eval, "metric_for_best_model, load_best_model_at_end and early_stopping_patience need "
                                 "evaluation: set do_eval=true")
         check(0 <= self.validation_split_percentage < 100, "validation_split_percentage must be in [0, 100)")
+        check(self.shuffle_buffer_size >= 0, "shuffle_buffer_size must be >= 0")
+        if self.streaming and self.do_train:  # a stream has no length: the run's length must be given
+            check(self.max_train_steps is not None, "streaming=true needs max_train_steps=N (a stream has no length "
+                                                    "to count epochs in)")
         from transformers import SchedulerType
 
         names = [s.value for s in SchedulerType]
@@ -199,6 +226,9 @@ class TrainConfig(LoopConfig):
               f"lr_scheduler_type {self.lr_scheduler_type!r} is unknown{_did_you_mean(self.lr_scheduler_type, names)}; "
               f"choose one of {', '.join(names)}")
         check(self.lora.r >= 0, "lora.r must be >= 0")
+        from .loading import check_loading
+
+        check_loading(self)  # torch_dtype, attn_implementation, quantization: what this install can serve
         from .data import resolve_files, split_format
 
         for name in ("train_file", "validation_file", "test_file"):
@@ -240,17 +270,41 @@ def all_keys(config_cls: type) -> list[str]:
 
 
 def _split_argv(argv: list[str]) -> tuple[list[str], bool]:
+    """The arguments as key=value pairs. Beside our `key=value`, the Trainer / argparse habits:
+    `--key=value`, `--key value` and a bare `--flag` (true). After `--key`, the next argument is
+    its value unless it starts with `--` or is itself a `key=value` pair (so a value holding `=`
+    needs `--key=value`)."""
     want_help = False
     pairs = []
-    for arg in argv:
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
         if arg in ("-h", "--help", "help"):
             want_help = True
             continue
-        if arg.startswith("--") and "=" in arg:  # tolerate --key=value
-            arg = arg[2:]
-        check("=" in arg, f"expected key=value, got {arg!r} (for example: learning_rate=3e-4)")
+        if arg.startswith("--"):
+            name = arg[2:]
+            if "=" in name:  # --key=value
+                pairs.append(name)
+                continue
+            check(bool(name), "a lone '--' is not an argument (for example: --learning_rate 3e-4)")
+            nxt = argv[i] if i < len(argv) else None
+            if nxt is not None and not nxt.startswith("--") and nxt not in ("-h", "help") and not _is_pair(nxt):
+                pairs.append(f"{name}={nxt}")  # --key value
+                i += 1
+            else:
+                pairs.append(f"{name}=true")  # --flag
+            continue
+        check("=" in arg, f"expected key=value, got {arg!r} (for example: learning_rate=3e-4 or --learning_rate 3e-4)")
         pairs.append(arg)
     return pairs, want_help
+
+
+def _is_pair(arg: str) -> bool:
+    """`name=...` with a key-like name (letters, digits, _ and dots), not a value such as 'a=b c'."""
+    name = arg.split("=", 1)[0]
+    return "=" in arg and bool(name) and name.replace("_", "a").replace(".", "a").isalnum()
 
 
 def read_argv(argv: list[str] | None = None):
@@ -285,6 +339,7 @@ def make_config(config_cls: type, pairs: list[str], file_cfg, task_name: str,
     settings than fine-tuning (a higher learning rate, more epochs): `embedded_defaults` supplies
     them, and anything the user set explicitly wins."""
     schema = OmegaConf.structured(config_cls)
+    pairs, file_cfg = _translate_aliases(pairs, file_cfg, config_cls)  # max_steps=, bf16=, ... (aliases.py)
     try:
         merged = OmegaConf.merge(schema, file_cfg, _dotlist(pairs, config_cls))
         merged.task = task_name
@@ -300,15 +355,58 @@ def make_config(config_cls: type, pairs: list[str], file_cfg, task_name: str,
     return cfg
 
 
+def _translate_aliases(pairs: list[str], file_cfg, config_cls: type):
+    """The Trainer's / HF scripts' names (docs/coming-from-trainer.md) as our keys, on the
+    command line and in the YAML file alike."""
+    from .aliases import translate
+
+    keys = set(all_keys(config_cls))
+    try:
+        items = translate((p.split("=", 1) for p in pairs), keys)
+        file_items = translate(OmegaConf.to_container(file_cfg).items(), keys)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    pairs = [f"{name}={_yaml_text(value)}" for name, value in items]
+    new_file = OmegaConf.create()
+    for name, value in file_items:
+        OmegaConf.update(new_file, name, value, merge=True)
+    return pairs, new_file
+
+
+def _yaml_text(value: Any) -> str:
+    """A translated value back as dotlist text (None -> null, False -> false)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
 def _dotlist(pairs: list[str], config_cls: type):
-    """key=value pairs as a config. Values are YAML, except that a text key keeps its text when
-    YAML would make a mapping or list of it (source_prefix="summarize: ")."""
-    text_keys = {f.name for f in dataclasses.fields(config_cls) if f.type in (str, Optional[str], "str", "Optional[str]")}
+    """key=value pairs as a config. Values are YAML, except that a text key keeps its text
+    whenever YAML would make anything but a string or null of it: YAML 1.1 reads no/off/yes/on
+    as booleans and 1 as a number (mixed_precision=no, save_strategy=no, source_prefix="summarize: ")."""
+    text_types = (str, Optional[str], "str", "Optional[str]", "str | None", "Optional[str] | None")
+
+    def is_text_key(dotted: str) -> bool:
+        # Walk nested groups (lora.x) through their dataclass defaults.
+        cls = config_cls
+        *groups, leaf = dotted.split(".")
+        for g in groups:
+            f = next((f for f in dataclasses.fields(cls) if f.name == g), None) if dataclasses.is_dataclass(cls) else None
+            if f is None or f.default_factory is dataclasses.MISSING:
+                return False
+            cls = type(f.default_factory())
+        if not dataclasses.is_dataclass(cls):
+            return False
+        return any(f.name == leaf and f.type in text_types for f in dataclasses.fields(cls))
+
     out = OmegaConf.from_dotlist(pairs)
     for pair in pairs:
         name, value = pair.split("=", 1)
-        if name in text_keys and not isinstance(out.get(name), (str, int, float, bool, type(None))):
-            out[name] = value
+        # null stays null (it unsets an optional key); a quoted "no" already arrives as a string.
+        if is_text_key(name) and not isinstance(OmegaConf.select(out, name), (str, type(None))):
+            OmegaConf.update(out, name, value, force_add=True)
     return out
 
 
@@ -317,23 +415,32 @@ def _explain(e: OmegaConfBaseException, config_cls: type) -> str:
     full_key = getattr(e, "full_key", None) or ""
     kind = type(e).__name__
     if "Key" in kind and ("not in" in str(e) or "not found" in str(e).lower() or kind == "ConfigKeyError"):
+        from .aliases import hint as alias_hint
+
         keys = all_keys(config_cls)
-        hint = _did_you_mean(full_key, keys) or " (see --help for the keys)"
+        # The alias table first: edit distance alone sends save_steps to eval_steps.
+        hint = alias_hint(full_key, keys) or " (see --help for the keys)"
         return f"unknown key {full_key!r}{hint}"
     if kind in ("ValidationError", "ConfigTypeError", "GrammarParseError") and full_key:
-        msg = str(e).splitlines()[0]
-        return f"{full_key}: {msg}"
-    return str(e).splitlines()[0]
+        return f"{full_key}: {first_line(e)}"
+    return first_line(e)
 
 
 def to_dict(cfg: TrainConfig) -> dict:
     """The resolved config as plain data (for config.yaml and trackers)."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    return OmegaConf.to_container(OmegaConf.structured(_without_secrets(cfg)), resolve=True)
+
+
+def _without_secrets(cfg):
+    # A token must not land in config.yaml, checkpoints, trackers or a pushed repo.
+    if getattr(cfg, "hub_token", None):
+        return dataclasses.replace(cfg, hub_token=None)
+    return cfg
 
 
 def save_yaml(cfg: TrainConfig, path: str) -> None:
     tmp = path + ".tmp"
-    OmegaConf.save(OmegaConf.structured(cfg), tmp)
+    OmegaConf.save(OmegaConf.structured(_without_secrets(cfg)), tmp)
     os.replace(tmp, path)
 
 
@@ -341,6 +448,7 @@ def help_text(config_cls: type, task_cls: type | None = None) -> str:
     titles = {
         "run": "Run", "model": "Model and tokenizer", "data": "Data", "optim": "Optimisation",
         "speed": "Speed and memory", "loop": "Evaluation, checkpoints, logging", "lora": "LoRA (peft)", "": "Task",
+        "hub": "Hugging Face Hub",
     }
     base_names = {f.name for f in dataclasses.fields(TrainConfig)}
     groups: dict[str, list[str]] = {}
@@ -371,7 +479,7 @@ def help_text(config_cls: type, task_cls: type | None = None) -> str:
         "       python -m notrainer.run task=NAME --help     (adds that task's keys)",
         "",
     ]
-    order = ["task", "run", "model", "data", "optim", "speed", "loop", "lora"]
+    order = ["task", "run", "model", "data", "optim", "speed", "loop", "hub", "lora"]
     for g in order + [g for g in groups if g not in order]:
         if g not in groups:
             continue

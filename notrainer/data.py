@@ -246,15 +246,69 @@ def load_hub_dataset(cfg, streaming: bool = False):
     return {"train": loaded} if split else loaded
 
 
+def reads_text_files(cfg) -> bool:
+    """True when the training data (else the validation data) are text files (.txt): the CLM
+    path then reads them as run_clm_no_trainer.py does, lines with their breaks and no
+    end-of-text token per line (a line is not a document)."""
+    if getattr(cfg, "dataset_name", None):
+        return False
+    spec = getattr(cfg, "train_file", None) or getattr(cfg, "validation_file", None)
+    return bool(spec) and split_format(resolve_files(spec))[0] == "text"
+
+
+#: rows of the training stream read up front with streaming=true (see load_streaming_raw)
+STREAM_SAMPLE_ROWS = 1000
+
+
+def open_train_stream(cfg):
+    """The raw training rows as a `datasets.IterableDataset` (files or a hub dataset)."""
+    if cfg.dataset_name:
+        loaded = load_hub_dataset(cfg, streaming=True)
+        check("train" in loaded, f"dataset_name={cfg.dataset_name}: no train split; pick one with dataset_split=...")
+        return loaded["train"]
+    check(bool(cfg.train_file), "streaming=true needs train_file=... (or dataset_name=...)")
+    return load_files({"train": cfg.train_file}, keep_linebreaks=keeps_linebreaks(cfg), streaming=True)["train"]
+
+
+def load_streaming_raw(cfg):
+    """streaming=true: the raw splits without reading the corpus. "train" is only the first
+    STREAM_SAMPLE_ROWS rows of the stream (the built-in tokenizer is trained on them, columns
+    and formats are checked on them; training reads the stream itself); validation and test
+    files are small and loaded whole. There is no held-out split of a stream: without
+    validation_file the run does not evaluate."""
+    import datasets
+    from itertools import islice
+
+    stream = open_train_stream(cfg)
+    try:
+        rows = list(islice(iter(stream), STREAM_SAMPLE_ROWS))
+    except Exception as e:  # a first shard that cannot be read: named, before anything is built
+        from .streaming import shard_error
+
+        raise UsageError(shard_error(resolve_files(cfg.train_file) if cfg.train_file else [], e)) from None
+    check(bool(rows), "the training stream is empty")
+    raw = {"train": datasets.Dataset.from_list(rows)}
+    files = {k: v for k, v in (("validation", cfg.validation_file if cfg.do_eval else None),
+                               ("test", cfg.test_file)) if v}
+    if files:
+        raw.update(load_files(files, keep_linebreaks=keeps_linebreaks(cfg)))
+    if cfg.max_eval_samples and "validation" in raw:
+        raw["validation"] = raw["validation"].select(range(min(cfg.max_eval_samples, len(raw["validation"]))))
+    return datasets.DatasetDict(raw)
+
+
 def load_raw_datasets(cfg, builtin: Callable[[], "object"] | None = None, field: str | None = None):
     """Train/validation (and test) splits as a `datasets.DatasetDict`.
 
     Order of precedence: `dataset_name` (hub), then `train_file`/`validation_file`/`test_file`,
     then the task's built-in data. Without validation data, `validation_split_percentage` of
     the training set is held out (seeded, so every run and every rank holds out the same rows).
+    With streaming=true, see `load_streaming_raw`.
     """
     import datasets
 
+    if getattr(cfg, "streaming", False) and cfg.do_train:
+        return load_streaming_raw(cfg)
     if cfg.dataset_name:
         raw = load_hub_dataset(cfg)
     elif cfg.train_file or cfg.validation_file or cfg.test_file:

@@ -10,9 +10,10 @@ Two halves, at the two ends of a run:
 
 `hub_strategy` (the Trainer's names):
     end              the final export only (model, tokenizer, README.md, results, plots, logs)
-    every_save       also push the export-so-far at every checkpoint (`push_checkpoint`)
-    checkpoint       also the latest checkpoint, in `last-checkpoint/` (resumable from the Hub)
-    all_checkpoints  also every checkpoint, under `checkpoints/`
+    every_save       for now the same as `end` (the export only exists at the end)
+    checkpoint       also each checkpoint right after it is saved, in `last-checkpoint/`
+                     (replacing the previous one: resumable from the Hub)
+    all_checkpoints  also each checkpoint as it is saved, under `checkpoints/`
 """
 
 from __future__ import annotations
@@ -114,16 +115,22 @@ def push(
     hub_strategy=checkpoint, pass the newest complete checkpoint as `last_checkpoint`.
     Returns the commit info (or a Future with `run_as_future=True`).
     """
-    from huggingface_hub import create_repo, upload_folder
+    from huggingface_hub import upload_folder
 
-    url = create_repo(repo_id, token=token, private=private, exist_ok=True)
-    repo_id = url.repo_id  # with the namespace the Hub filled in
+    repo_id = create(repo_id, private=private, token=token)
     info = upload_folder(repo_id=repo_id, folder_path=output_dir, token=token, commit_message=commit_message,
                          ignore_patterns=_ignore_patterns(hub_strategy), run_as_future=run_as_future)
     if hub_strategy == "checkpoint" and last_checkpoint:
         # Only the newest checkpoint, under a fixed name, so a user can download and resume it.
         push_checkpoint(last_checkpoint, repo_id, token=token, hub_strategy="checkpoint", run_as_future=run_as_future)
     return info
+
+
+def create(repo_id: str, private: Optional[bool] = None, token: Optional[str] = None) -> str:
+    """Create the repo if it does not exist; returns its full id (the Hub fills in the namespace)."""
+    from huggingface_hub import create_repo
+
+    return create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
 
 
 def push_checkpoint(checkpoint_dir: str, repo_id: str, token: Optional[str] = None, hub_strategy: str = "checkpoint",

@@ -37,11 +37,12 @@ from accelerate.utils import (
     DistributedType,
     GradientAccumulationPlugin,
     ProjectConfiguration,
+    send_to_device,
 )
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import guards, preemption, throughput
+from . import guards, history, preemption, throughput, trackers
 from .batch import batch_shape, default_num_items, default_num_tokens
 from .config import LoopConfig
 from .errors import UsageError
@@ -61,13 +62,23 @@ def make_accelerator(config: LoopConfig | None = None, **settings) -> Accelerato
     needs the process layout for data preparation) and hands it to `Loop`."""
     cfg = _loop_config(config, settings)
     _cache_lomo_check()
-    log_with = {"none": None, "all": "all"}.get(cfg.report_to, cfg.report_to)
+    # Any tracker accelerate supports, comma-separated; MLflow's store defaults into output_dir/logs.
+    log_with = trackers.resolve_report_to(cfg.report_to)
+    for name, value in trackers.default_tracker_env(log_with, cfg.output_dir).items():
+        os.environ.setdefault(name, value)
     kwargs = {}
     if cfg.torch_compile:
         from accelerate.utils import TorchDynamoPlugin
 
         kwargs["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor", mode=cfg.torch_compile_mode or "default")
-    return Accelerator(
+    if _env_true("ACCELERATE_USE_DEEPSPEED") and not torch.cuda.is_available():
+        # DeepSpeed on CPU processes (DS_ACCELERATOR=cpu) builds a gloo group, but accelerate
+        # picks no backend without CUDA and then counts one process. Only here: a plain
+        # multi-process launch on CPU with gloo forced would run N unsynchronised trainings.
+        from accelerate.utils import InitProcessGroupKwargs
+
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    acc = Accelerator(
         mixed_precision=None if cfg.mixed_precision in (None, "no") else cfg.mixed_precision,
         # We decide when gradients sync (the last micro-batch of each window), so accelerate's
         # dataloader-driven counter is switched off; num_steps still tells DeepSpeed the window.
@@ -77,7 +88,7 @@ def make_accelerator(config: LoopConfig | None = None, **settings) -> Accelerato
         # Same permutation on every rank and every resume: the sampler is seeded by (seed, epoch).
         # non_blocking: batches (pinned by the CLI's DataLoader on CUDA) are copied to the GPU
         # without making the host wait for the queued work, so the GPU never idles between steps.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=_data_seed(cfg),
                                                   non_blocking=torch.cuda.is_available()),
         # The scheduler steps once per optimizer step, whatever the number of processes.
         step_scheduler_with_optimizer=False,
@@ -86,6 +97,54 @@ def make_accelerator(config: LoopConfig | None = None, **settings) -> Accelerato
                                             logging_dir=os.path.join(cfg.output_dir, "logs")),
         **kwargs,
     )
+    _fsdp2_on_cpu(acc)
+    _fill_deepspeed_clipping(acc, cfg.max_grad_norm)
+    return acc
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("true", "1")
+
+
+def _fsdp2_on_cpu(acc: Accelerator) -> None:
+    """An FSDP2 launch on CPU processes (ACCELERATE_USE_CPU=1) runs fully_shard on gloo.
+
+    accelerate 1.15 only turns an FSDP launch into DistributedType.FSDP on accelerator devices;
+    on CPU it silently runs plain DDP. torch's fully_shard works on gloo, so this sets
+    accelerate's own state fields (private: hence isolated here) to what an FSDP launch on GPUs
+    gets: both PartialState and AcceleratorState, as prepare() re-reads the former."""
+    from accelerate.state import PartialState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    if not (_env_true("ACCELERATE_USE_FSDP") and acc.distributed_type == DistributedType.MULTI_CPU):
+        return
+    if os.environ.get("FSDP_VERSION", "1") != "2":
+        raise UsageError("FSDP1 does not run on CPU processes; use fsdp_version: 2 (launch/fsdp2.yaml) or a GPU machine")
+    plugin = FullyShardedDataParallelPlugin()  # from the launch file's FSDP_* variables
+    if acc.mixed_precision != "no":
+        plugin.set_mixed_precision(acc.mixed_precision)
+    PartialState().distributed_type = DistributedType.FSDP
+    acc.state.distributed_type = DistributedType.FSDP
+    acc.state.fsdp_plugin = plugin
+
+
+def _fill_deepspeed_clipping(acc: Accelerator, max_grad_norm: float) -> None:
+    """max_grad_norm is the one clipping setting: it fills DeepSpeed's gradient_clipping (which
+    accelerate would otherwise fill with a fixed 1.0). Written into the config directly: the
+    plugin drops a 0.0 (no clipping) as falsy."""
+    ds = getattr(acc.state, "deepspeed_plugin", None)
+    if ds is None:
+        return
+    given = ds.deepspeed_config.get("gradient_clipping", "auto")
+    if given not in ("auto", None) and float(given) != float(max_grad_norm):
+        raise UsageError(f"the DeepSpeed config sets gradient_clipping={given} but max_grad_norm={max_grad_norm}; "
+                         "drop gradient_clipping from it (notrainer fills it from max_grad_norm)")
+    ds.deepspeed_config["gradient_clipping"] = float(max_grad_norm)
+
+
+def _data_seed(cfg: LoopConfig) -> int | None:
+    """The sampler's seed: data_seed (the Trainer's name) when given, else seed."""
+    return cfg.data_seed if cfg.data_seed is not None else cfg.seed
 
 
 @functools.cache
@@ -145,13 +204,25 @@ class Loop:
 
         # FLOPs per token are counted on the unwrapped model, before FSDP/DeepSpeed shard it.
         self.meter = throughput.Meter(model, cfg.peak_tflops, acc.device)
+        # A stateful train loader (streaming: torchdata's StatefulDataLoader) knows its exact data
+        # position and already reads this rank's part of the data. accelerate's wrapper would
+        # hide its state_dict and shard it again, so it is used as it is: the loop moves its
+        # batches to the device, restores its position on resume and saves it in checkpoints.
+        self.stateful_loader = _is_stateful_loader(train_loader)
         # prepare: wrap for DDP/FSDP/DeepSpeed, move to device, shard the dataloaders.
-        prepared = acc.prepare(model, optimizer, train_loader, *([eval_loader] if eval_loader is not None else []))
-        self.model, self.optimizer, self.train_loader = prepared[:3]
-        self.eval_loader = prepared[3] if eval_loader is not None else None
+        loaders = ([] if self.stateful_loader else [train_loader]) + ([eval_loader] if eval_loader is not None else [])
+        # The scheduler is built on the torch optimizer from before prepare: DeepSpeed wraps it
+        # in a ZeRO optimizer that LambdaLR refuses, but keeps its param_groups (the lr it drives).
+        torch_optimizer = optimizer
+        prepared = list(acc.prepare(model, optimizer, *loaders))
+        self.model, self.optimizer = prepared[:2]
+        self.train_loader = train_loader if self.stateful_loader else prepared[2]
+        self.eval_loader = prepared[-1] if eval_loader is not None else None
         self.predict_loader = predict_loader  # prepared when predict() runs
         if self.eval_loader is not None:  # evaluating must not move the RNG that training draws from
             ckpt.seed_loader(self.eval_loader, cfg.seed, 0)
+        if self.stateful_loader:  # nor does starting the stream again on resume (its worker seed)
+            ckpt.seed_loader(self.train_loader, cfg.seed, 0)
 
         # Optimizer steps per epoch count the last, shorter accumulation window too.
         try:
@@ -164,8 +235,12 @@ class Loop:
         # A scheduler may come as a factory of (optimizer, total optimizer steps): the total
         # is only known now, after the dataloader was sharded across processes.
         if callable(scheduler) and not hasattr(scheduler, "step"):
-            scheduler = scheduler(getattr(self.optimizer, "optimizer", self.optimizer), self.max_train_steps)
+            scheduler = scheduler(torch_optimizer, self.max_train_steps)
         self.scheduler = acc.prepare(scheduler) if scheduler is not None else None
+        # accelerate only wraps (and checkpoints) a DeepSpeed scheduler given with the model; this one
+        # comes later, so register it, or a resume restarts the schedule from step 0.
+        if self.scheduler is not None and acc.distributed_type == DistributedType.DEEPSPEED:
+            acc.register_for_checkpointing(self.scheduler)
 
         # Everything needed to continue exactly where a checkpoint left off, in one object.
         self.state = RunState.fresh(cfg.seed, acc.process_index)
@@ -173,6 +248,8 @@ class Loop:
         self._stop: str | None = None  # why training stops early: "preempted", "early stopping"
         self._checkpoint_requested = False  # a timed checkpoint or a new best, due at this step's end
         self._signals: preemption.StopSignal | None = None
+        self._history = False  # log_history.jsonl is written by fit() on the main process
+        self._eval_seconds = 0.0  # time spent evaluating inside training, kept out of the rates
         self._log_seq_len = 0
 
     # ------------------------------------------------------------------ the loop
@@ -181,7 +258,12 @@ class Loop:
         acc, state, cfg = self.accelerator, self.state, self.config
         if cfg.resume_from_checkpoint:
             self.load_checkpoint(cfg.resume_from_checkpoint)
-        if cfg.report_to != "none":
+        if self.stateful_loader and state.global_step and state.loader_state is None:
+            raise UsageError(f"resume_from_checkpoint: the checkpoint of step {state.global_step} has no data position "
+                             f"for rank {acc.process_index} (saved by a run that was not streaming, or with another "
+                             "number of processes); resume it as it was run")
+        self._start_history()
+        if acc.log_with:  # the trackers report_to named (make_accelerator resolved them)
             acc.init_trackers("notrainer", config=_scalars(self.run_config))
         acc.print(f"training on {acc.num_processes} process(es) ({acc.distributed_type.value}): "
                   f"{self.max_train_steps} optimizer steps of {self.gradient_accumulation_steps} micro-batch(es)")
@@ -204,23 +286,43 @@ class Loop:
             acc.trackers = []
         return self.results
 
+    def _start_history(self) -> None:
+        """log_history.jsonl (notrainer/history.py): a resumed run drops the records after its
+        checkpoint's step (the killed run logged them; they are logged again), a fresh run
+        starts an empty one."""
+        self._history = self.accelerator.is_main_process
+        if not self._history:
+            return
+        if self.state.global_step:
+            history.truncate_after(self.output_dir, self.state.global_step)
+        else:
+            history.reset(self.output_dir)
+
     def _train(self, bar) -> None:
         acc, state, cfg = self.accelerator, self.state, self.config
         self.model.train()
         start, start_step, start_tokens = time.perf_counter(), state.global_step, state.tokens_seen
+        self._eval_seconds = 0.0
         self._log_reset()
         state.last_checkpoint_time = time.monotonic()
+        if self.stateful_loader and state.loader_state is not None:
+            # Resumed: the stream continues right after the last micro-batch the checkpoint saw.
+            self.train_loader.load_state_dict(state.loader_state)
 
         while state.global_step < self.max_train_steps and not self._stop:
-            # The sampler is seeded by (seed, epoch); on resume, skip the batches this epoch
-            # already consumed (without drawing from any RNG) and continue from there. The
-            # loader's worker seed comes from its own generator, not from dropout's RNG.
-            if hasattr(self.train_loader, "set_epoch"):
-                self.train_loader.set_epoch(state.epoch)
-            ckpt.seed_loader(self.train_loader, cfg.seed, state.epoch)
-            loader = self.train_loader
-            if state.step_in_epoch:
-                loader = acc.skip_first_batches(self.train_loader, state.step_in_epoch)
+            if self.stateful_loader:
+                # Its position is its own (restored above): no epoch seeding, no skipping.
+                loader = map(self._to_device, self.train_loader)
+            else:
+                # The sampler is seeded by (seed, epoch); on resume, skip the batches this epoch
+                # already consumed (without drawing from any RNG) and continue from there. The
+                # loader's worker seed comes from its own generator, not from dropout's RNG.
+                if hasattr(self.train_loader, "set_epoch"):
+                    self.train_loader.set_epoch(state.epoch)
+                ckpt.seed_loader(self.train_loader, cfg.seed, state.epoch)
+                loader = self.train_loader
+                if state.step_in_epoch:
+                    loader = acc.skip_first_batches(self.train_loader, state.step_in_epoch)
             # Collators draw (e.g. MLM masks) from a CPU RNG stream of their own, saved in checkpoints.
             batches = state.data_rng.iterate(iter(loader))
 
@@ -263,10 +365,13 @@ class Loop:
             bar.set_postfix(self._log_flush(), refresh=False)
         bar.close()
 
-        runtime = time.perf_counter() - start
+        # Rates are over training time: the evaluations run inside training are timed apart
+        # (train_eval_runtime), as they would otherwise read as 15-20% less throughput.
+        runtime = time.perf_counter() - start - self._eval_seconds
         self.results.update(
             train_loss=state.train_loss_sum / max(state.global_step - state.skipped_steps, 1),
             train_runtime=round(runtime, 3),
+            train_eval_runtime=round(self._eval_seconds, 3),
             train_steps_per_second=round((state.global_step - start_step) / max(runtime, 1e-9), 3),
             train_tokens_per_second=round((state.tokens_seen - start_tokens) / max(runtime, 1e-9), 1),
             global_step=state.global_step,
@@ -325,6 +430,8 @@ class Loop:
         grad_norm = None
         if self.config.max_grad_norm > 0:
             grad_norm = acc.clip_grad_norm_(model.parameters(), self.config.max_grad_norm)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, which the flag all-reduce cannot take
+                grad_norm = grad_norm.full_tensor()
         # Decisions all ranks take together (one small all-reduce): a non-finite loss or
         # gradient norm skips this optimizer step; a stop signal or a due timed checkpoint is
         # acted on at this step's boundary.
@@ -359,8 +466,11 @@ class Loop:
         acc, model = self.accelerator, self.model
         if self.eval_loader is None:
             return {}
+        started = time.perf_counter()
         model.eval()
         outputs = self._gather_outputs(self.eval_loader, self._eval_step)
+        # Examples evaluated (each once, over all ranks): the rows of any gathered output.
+        rows = sum(len(x) for x in next(iter(outputs.values()), []))
         loss_sum = float(sum(x.astype("float64").sum() for x in outputs.pop("loss", [])))
         item_sum = float(sum(x.astype("float64").sum() for x in outputs.pop("num_items", [])))
         metrics: dict[str, float] = {}
@@ -370,11 +480,22 @@ class Loop:
             extra = self.metrics_fn(dict(outputs), metrics.get("eval_loss"))
             metrics.update({k if k.startswith("eval_") else f"eval_{k}": _plain(v) for k, v in extra.items()})
         model.train()
+        metrics.setdefault("eval_samples", rows)  # a task's own count (e.g. examples, not windows) wins
+        seconds = time.perf_counter() - started
+        metrics["eval_runtime"] = round(seconds, 3)
+        # Training rates leave the evaluations out: this logging window and train_runtime.
+        self._eval_seconds += seconds
+        if hasattr(self, "_log_time"):
+            self._log_time += seconds
         self.state.last_eval_step = self.state.global_step
         self.results.update(metrics)
         if self.metric_for_best_model:
             self._track_best(metrics)
-        if self.config.report_to != "none":
+        if self._history:
+            best = self.state.best_metric if self.metric_for_best_model else None
+            history.append(self.output_dir, history.eval_record(self.state.global_step, self._epoch_float(),
+                                                                metrics, best_metric=best))
+        if acc.trackers:
             acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=self.state.global_step)
         acc.print(f"step {self.state.global_step}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()
                                                                if isinstance(v, (int, float))))
@@ -453,7 +574,9 @@ class Loop:
         logs.update(self.meter.report(tokens, samples, elapsed, self._log_seq_len, acc.num_processes))
         if self.config.max_grad_norm > 0:
             logs["grad_norm"] = grad_norm_sum / acc.num_processes / steps
-        if self.config.report_to != "none":
+        if self._history:
+            history.append(self.output_dir, history.train_record(state.global_step, **logs))
+        if acc.trackers:
             acc.log(logs, step=state.global_step)
         self._log_reset()
         postfix = {"loss": f"{loss:.4f}", "tok/s": f"{tokens / elapsed:,.0f}"}
@@ -475,8 +598,14 @@ class Loop:
         if self._log_steps:
             self._log_flush()
         self._checkpoint_requested = False
+        if self.stateful_loader:  # checkpoints are taken between steps: the position after this one
+            self.state.loader_state = self.train_loader.state_dict()
         return ckpt.save(self.accelerator, self.state, self.output_dir,
                          save_total_limit=self.config.save_total_limit, run_config=self.run_config)
+
+    def _to_device(self, batch):
+        acc = self.accelerator
+        return send_to_device(batch, acc.device, non_blocking=acc.non_blocking)
 
     def _checkpoint_due(self, epoch_end: bool = False) -> bool:
         if self.state.nonfinite_in_a_row:
@@ -524,6 +653,15 @@ def _on_device(x, device, dtype) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.to(device=device, dtype=dtype)
     return torch.full((), x, device=device, dtype=dtype)
+
+
+def _is_stateful_loader(loader) -> bool:
+    """A loader that saves and restores its own position (not one accelerate already prepared:
+    its wrappers have state_dict too, and are handled by skip_first_batches)."""
+    from accelerate.data_loader import DataLoaderAdapter, DataLoaderShard
+
+    return (hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict")
+            and not isinstance(loader, (DataLoaderAdapter, DataLoaderShard)))
 
 
 def _take(iterator, n: int) -> list:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 
-from .errors import UsageError, check
+from .errors import UsageError, check, first_line
 
 #: task's Auto class -> peft task type (decides which head stays trainable and saved)
 PEFT_TASK_TYPES = {
@@ -67,7 +67,25 @@ def from_pretrained(cls, path, **kwargs):
     if base is None:
         return cls.from_pretrained(path, **kwargs)
     peft = _import_peft(f"model_name_or_path={path} is a LoRA adapter folder")
-    return peft.PeftModel.from_pretrained(cls.from_pretrained(base, **kwargs), path, is_trainable=True)
+    return peft.PeftModel.from_pretrained(_for_kbit_training(cls.from_pretrained(base, **kwargs)), path, is_trainable=True)
+
+
+def _for_kbit_training(model):
+    """A base loaded quantized (QLoRA, notrainer/loading.py) gets peft's k-bit preparation: its
+    remaining 16-bit weights (norms, embeddings, head) in fp32 and frozen. Gradient checkpointing
+    is left to run.build, as for any model."""
+    from .loading import is_quantized
+
+    if not is_quantized(model):
+        return model
+    for module in model.modules():
+        # bitsandbytes' CPU fast path (AVX512-BF16) repacks a 4-bit weight at its first no-grad
+        # forward in eval mode and keeps it so: the training steps after an evaluation then run a
+        # kernel without a backward, and the adapters below it get no gradient, silently.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    peft = _import_peft("quantization")
+    return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def _import_peft(why: str):
@@ -97,10 +115,9 @@ def apply_lora(model, cfg, task=None):
     config = peft.LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets,
                              task_type=task_type)
     try:
-        model = peft.get_peft_model(model, config)
+        model = peft.get_peft_model(_for_kbit_training(model), config)
     except ValueError as e:  # e.g. a target module name that matches nothing
-        first = str(e).strip().splitlines()[0]
-        raise UsageError(f"lora.target_modules={targets}: {first}") from None
+        raise UsageError(f"lora.target_modules={targets}: {first_line(e)}") from None
     if lc.merge:
         for name, module in model.named_modules():
             if isinstance(module, peft.tuners.lora.LoraLayer):

@@ -30,5 +30,13 @@ def teardown(all_ranks_done: bool) -> None:
         return
     if all_ranks_done:
         dist.barrier()
+        # A second barrier: gloo's worker drops the first barrier's work (and the tensors of the
+        # collectives before it, whose release may need the GIL) before it can queue this one,
+        # whose own work holds no Python tensor. After it, nothing in the worker needs the GIL,
+        # so the destructor's join cannot deadlock.
+        dist.barrier()
+    # The wrapped model / engine / optimizer hold the group: freed before it is destroyed (the
+    # caller has dropped its references; reference cycles go here), so the destructor runs now
+    # with idle workers, not at interpreter exit.
     gc.collect()
     dist.destroy_process_group()

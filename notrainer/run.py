@@ -8,16 +8,33 @@ A mistake the user can fix is a `UsageError`: one line on stderr, exit status 2.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
 
 from .errors import UsageError
 
+# bitsandbytes (imported by peft whenever it is installed) logs at import, on CPUs with
+# AVX512-BF16, that its optional `kernels` package is missing: a stray stderr line in every run
+# (and in front of our one-line errors). That package would fetch kernels from the Hub anyway.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 EXIT_USAGE = 2
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The `notrainer` console entry's sub-commands: `notrainer launch ...` (accelerate's
+    # launcher in-process, so a usage error ends in our one line) and `notrainer report RUN_DIR`.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:
+        from .launch import main as launch_main
+
+        return launch_main(argv[1:])
+    if argv[:1] == ["report"]:
+        from .report import main as report_main
+
+        return report_main(argv[1:])
     from .guards import EXIT_DIVERGED, TrainingDiverged
     from .preemption import EXIT_PREEMPTED, Preempted
 
@@ -32,7 +49,13 @@ def main(argv: list[str] | None = None) -> int:
         status, message = EXIT_DIVERGED, f"notrainer: error: {e}"
     except Preempted as e:  # a signal asked us to stop: checkpoint written, requeue the job
         status, message = EXIT_PREEMPTED, f"notrainer: {e}"
-    except BaseException:
+    except BaseException as e:
+        # The traceback's frames still hold the loop (the wrapped model holds the process
+        # group): drop their locals, or the group's destructor runs at interpreter exit, where
+        # gloo can hang. The traceback still prints (it needs code and line numbers only).
+        import traceback
+
+        traceback.clear_frames(e.__traceback__)
         teardown(all_ranks_done=False)
         raise
     # Only a finished run is known to have brought every rank here; after an error a rank may
@@ -91,7 +114,10 @@ def parse_args(argv: list[str] | None = None):
     if want_help:
         print(help_text(task_cls.Config, task_cls))
         raise SystemExit(0)
-    return make_config(task_cls.Config, pairs, file_cfg, name, task_cls.embedded_defaults), task_cls
+    cfg = make_config(task_cls.Config, pairs, file_cfg, name, task_cls.embedded_defaults)
+    if cfg.streaming and not task_cls.supports_streaming:
+        raise UsageError(f"streaming=true: task={name} cannot stream (clm and sft can); remove streaming=true")
+    return cfg, task_cls
 
 
 def check_output_dir(cfg) -> None:
@@ -123,11 +149,36 @@ def check_distributed(acc) -> None:
     if launched != acc.num_processes:
         raise UsageError(f"{launched} processes were launched but accelerate sees {acc.num_processes}; "
                          "on CPU, launch with ACCELERATE_USE_CPU=1 (see docs/distributed.md)")
+    # A DeepSpeed/FSDP launch file that accelerate did not turn into that engine (ACCELERATE_USE_CPU=1
+    # with a DeepSpeed recipe runs plain DDP): the memory savings the user chose would silently vanish.
+    from accelerate.utils import DistributedType
+
+    for env, engine, how in (("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED,
+                              "on CPU set DS_ACCELERATOR=cpu and unset ACCELERATE_USE_CPU"),
+                             ("ACCELERATE_USE_FSDP", DistributedType.FSDP,
+                              "on CPU set ACCELERATE_USE_CPU=1 and fsdp_version: 2")):
+        # (one process: accelerate may legitimately run no engine, e.g. FSDP on one GPU)
+        if os.environ.get(env, "false").lower() == "true" and acc.num_processes > 1 and acc.distributed_type != engine:
+            raise UsageError(f"a {engine.value} launch file but accelerate runs {acc.distributed_type.value}; "
+                             f"{how} (see docs/distributed.md)")
     # ZeRO-3 shards every weight: the final export can only gather them with this setting.
     ds = getattr(acc.state, "deepspeed_plugin", None)
     if ds is not None and ds.zero_stage == 3 and not ds.zero3_save_16bit_model:
         raise UsageError("DeepSpeed ZeRO-3 without zero3_save_16bit_model (stage3_gather_16bit_weights_on_model_save) "
                          "cannot export the final model; set it to true (see launch/deepspeed_zero3.yaml)")
+
+
+def settle_mixed_precision(cfg, acc) -> None:
+    """One source of truth: the precision accelerate runs (the key, else the launch file or
+    `accelerate config`) is written back into cfg before the task is built (the tasks read it:
+    chunked-loss dtype, padding multiple) and so into config.yaml."""
+    launch = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    # A launch file only says something when it asks for fp16/bf16 ("no" is also what
+    # `accelerate launch` sets when nothing was configured), and then the key must agree.
+    if cfg.mixed_precision is not None and launch in ("fp16", "bf16") and cfg.mixed_precision != launch:
+        raise UsageError(f"mixed_precision={cfg.mixed_precision} but the launch file (or accelerate config) says "
+                         f"{launch}; drop one of them")
+    cfg.mixed_precision = acc.mixed_precision
 
 
 def build(cfg, task_cls):
@@ -138,11 +189,14 @@ def build(cfg, task_cls):
 
     from .config import save_yaml, to_dict
     from .loop import Loop, make_accelerator
-    from .lora import apply_lora
+    from . import adapter_checkpoints
+    from .lora import apply_lora, is_peft_model
     from .optim import build_optimizer, scheduler_factory
+    from .streaming import stream_loader
 
     acc = make_accelerator(cfg)
     check_distributed(acc)
+    settle_mixed_precision(cfg, acc)
     set_seed(cfg.seed)
     task = task_cls(cfg)
     if cfg.do_predict and not task.has_prediction_mode():  # say so before training, not after
@@ -155,14 +209,24 @@ def build(cfg, task_cls):
     model = task.build_model(tokenizer)
     task.setup(model, tokenizer)  # the task lifecycle: see notrainer/tasks/base.py
     model = apply_lora(model, cfg, task)  # lora.r > 0: only peft adapters (and the task's new head) train
+    base = None
+    if is_peft_model(model):  # checkpoints hold the adapters only; the frozen base is referenced
+        base = adapter_checkpoints.base_identity(model, cfg)
+        adapter_checkpoints.register(acc, base)
     if cfg.resume_from_checkpoint:  # another model shape fails here, before output_dir is touched
         from .checkpoint import check_model, resolve
 
         path = resolve(cfg.output_dir, cfg.resume_from_checkpoint)
         if path is not None:
             check_model(path, model)
+            if base is not None:
+                adapter_checkpoints.check_base(path, base)
+    # streaming: raw["train"] is only a sample of the stream (data.load_streaming_raw); the
+    # training items are tokenized on the fly by task.train_stream, the other splits here.
+    streaming = cfg.streaming and cfg.do_train
+    to_prepare = {k: v for k, v in raw.items() if k != "train"} if streaming else raw
     with acc.main_process_first():
-        ds = task.prepare_datasets(raw, tokenizer)
+        ds = task.prepare_datasets(type(raw)(to_prepare), tokenizer) if to_prepare else {}
 
     if cfg.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
@@ -180,9 +244,14 @@ def build(cfg, task_cls):
 
     train_loader = eval_loader = predict_loader = None
     if cfg.do_train:
-        if "train" not in ds:
+        if "train" not in ds and not streaming:
             raise UsageError("do_train=true but there is no training data")
-        train_loader = loader("train", cfg.per_device_train_batch_size, shuffle=True)
+        train_loader = loader("train", cfg.per_device_train_batch_size, shuffle=True) if not streaming else \
+            stream_loader(task.train_stream(raw, tokenizer, acc.process_index, acc.num_processes),
+                          cfg.per_device_train_batch_size, collate_fn=collate, num_workers=cfg.dataloader_num_workers,
+                          pin_memory=torch.cuda.is_available())
+        if streaming and cfg.do_eval and "validation" not in ds:
+            acc.print("streaming: no validation_file, so this run does not evaluate")
     if cfg.do_eval and "validation" in ds:
         eval_loader = loader("validation", cfg.per_device_eval_batch_size)
     if cfg.do_predict:
@@ -221,13 +290,66 @@ def export_policy(tokenizer, output_dir: str, merge_lora: bool):
     return write
 
 
+def push_checkpoints_as_saved(loop, cfg, repo_id: str | None) -> list:
+    """hub_strategy=checkpoint / all_checkpoints: on the main process, each complete checkpoint
+    is uploaded right after it is saved (the loop calls `loop.save_checkpoint()`; this wraps it
+    on this one object). The upload is not left running in the background: retention
+    (save_total_limit) may delete that folder at the next save. Returns the list of commits."""
+    pending: list = []
+    if not repo_id or cfg.hub_strategy not in ("checkpoint", "all_checkpoints") or \
+            not loop.accelerator.is_main_process:
+        return pending
+    from . import hub
+
+    save, token, repo = loop.save_checkpoint, hub.resolve_token(cfg), {}
+
+    def save_and_push() -> str:
+        path = save()
+        if "id" not in repo:
+            repo["id"] = hub.create(repo_id, private=cfg.hub_private_repo, token=token)
+        pending.append(hub.push_checkpoint(path, repo["id"], token=token, hub_strategy=cfg.hub_strategy,
+                                           run_as_future=False))
+        return path
+
+    loop.save_checkpoint = save_and_push
+    return pending
+
+
+def finish_run(loop, cfg, repo_id: str | None, pending: list | None = None) -> None:
+    """After training, on the main process: the model card (README.md), the report (plots and
+    report.html; skipped with one line without matplotlib), then the Hub upload."""
+    if not loop.accelerator.is_main_process:
+        return
+    from . import report
+    from .config import to_dict
+    from .model_card import write_model_card
+
+    write_model_card(cfg.output_dir, to_dict(cfg), results=loop.results)
+    report.maybe_write_report(cfg.output_dir, log=loop.accelerator.print)
+    if repo_id:
+        from . import hub
+        from .checkpoint import list_checkpoints
+
+        done = list_checkpoints(cfg.output_dir)
+        # Checkpoints already uploaded as they were saved are not uploaded again.
+        strategy = "end" if pending else cfg.hub_strategy
+        info = hub.push(cfg.output_dir, repo_id, private=cfg.hub_private_repo, token=hub.resolve_token(cfg),
+                        hub_strategy=strategy, last_checkpoint=done[-1] if done and not pending else None)
+        loop.accelerator.print(f"pushed to the Hub: {getattr(info, 'commit_url', info)}")
+
+
 def run(argv: list[str] | None = None) -> dict:
     cfg, task_cls = parse_args(argv)
     cfg.output_dir = cfg.resolved_output_dir()
     check_output_dir(cfg)
+    from .hub import check_push_to_hub
+
+    repo_id = check_push_to_hub(cfg)  # offline, no token, bad repo id: one line, before anything heavy
     loop, task = build(cfg, task_cls)
     if cfg.do_train:
+        pending = push_checkpoints_as_saved(loop, cfg, repo_id)
         results = loop.fit()
+        finish_run(loop, cfg, repo_id, pending)
     else:  # do_eval alone evaluates the given model
         results = loop.evaluate() if cfg.do_eval else {}
         loop.write_results()

@@ -82,6 +82,9 @@ class RunState:
     evals_without_improvement: int = 0  # for early_stopping_patience
 
     data_rng: DataRNG = field(default_factory=DataRNG, repr=False, metadata=_NOT_SAVED)
+    #: a stateful train loader's position (streaming): its state_dict() at the last step boundary
+    #: that was saved, or loaded from a checkpoint (loader_state_<rank>.pt, one per rank)
+    loader_state: dict | None = field(default=None, repr=False, metadata=_NOT_SAVED)
     #: the counters as of the last checkpoint: saving the same state again writes nothing
     last_saved: dict | None = field(default=None, repr=False, metadata=_NOT_SAVED)
     #: time.monotonic() of the last checkpoint, for checkpointing_minutes

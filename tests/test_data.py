@@ -80,6 +80,23 @@ def test_text_files_keep_their_line_breaks_by_default(tmp_path):
         ["line one", "line two"]
 
 
+def test_a_text_file_gives_the_tokens_run_clm_no_trainer_gives(tmp_path):
+    from notrainer.tasks.clm import CLMTask
+
+    (tmp_path / "a.txt").write_text("".join(f"line {i} of the text\n" for i in range(60)))
+    cfg, _ = parse_args(["task=clm", f"train_file={tmp_path / 'a.txt'}", "validation_split_percentage=0",
+                         "block_size=16"])
+    task = CLMTask(cfg)
+    raw = task.load_raw_datasets()
+    tok = task.build_tokenizer(raw)
+    task._block_size = 16
+    got = task.prepare_datasets(raw, tok)["train"]["input_ids"]
+    # the script: each line tokenized as read (with its line break), no end-of-text, concatenated, cut
+    assert raw["train"]["text"][0] == "line 0 of the text\n"
+    ids = [i for line in raw["train"]["text"] for i in tok(line)["input_ids"]]
+    assert got == [ids[i:i + 16] for i in range(0, len(ids) // 16 * 16, 16)] and tok.eos_token_id not in ids
+
+
 def _exit_and_message(argv, capsys):
     status = main(argv + ["report_to=none"])
     # stderr also carries datasets' progress bars; the error itself is one line
@@ -131,13 +148,14 @@ def test_misspelled_local_model_folder_is_no_such_folder(tmp_path, monkeypatch):
     check_local_model_path("openai-community/gpt2")
 
 
-@pytest.mark.xfail(reason="needs tasks/base.py build_tokenizer/build_model to call data.check_local_model_path",
-                   strict=False)
 def test_misspelled_local_model_folder_from_the_cli(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     status, err = _exit_and_message(["task=clm", "model_name_or_path=./no_such_model", "max_train_steps=1",
                                      f"output_dir={tmp_path / 'run'}"], capsys)
     assert status == 2 and err == "notrainer: error: model_name_or_path=./no_such_model: no such folder"
+    status, err = _exit_and_message(["task=sft", "tokenizer_name=../no_such_tokenizer", "max_train_steps=1",
+                                     f"output_dir={tmp_path / 'run2'}"], capsys)
+    assert status == 2 and err == "notrainer: error: tokenizer_name=../no_such_tokenizer: no such folder"
 
 
 def test_dataset_name_takes_a_split_selection(tmp_path):
@@ -154,3 +172,25 @@ def test_dataset_name_takes_a_split_selection(tmp_path):
                          "validation_split_percentage=20"])
     raw = load_raw_datasets(cfg)
     assert len(raw["train"]) + len(raw["validation"]) == 15 and set(raw["train"]["text"]) <= set(DOCS[:15])
+
+
+def test_sft_examples_from_zst_and_gz_shards_equal_examples_from_one_file(tmp_path):
+    zstandard = pytest.importorskip("zstandard")
+    from notrainer.tasks.sft import SIMPLE_CHAT_TEMPLATE, builtin_instructions
+
+    rows, _ = builtin_instructions(n_train=60, n_eval=1, seed=4)
+    data = [json.dumps(r) + "\n" for r in rows]
+    (tmp_path / "plain.jsonl").write_text("".join(data))
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress("".join(data[:25]).encode()))
+    (tmp_path / "shards" / "b.jsonl.gz").write_bytes(gzip.compress("".join(data[25:]).encode()))
+    examples = []
+    for spec in (str(tmp_path / "plain.jsonl"), str(tmp_path / "shards")):
+        cfg, task_cls = parse_args(["task=sft", f"train_file={spec}", "validation_split_percentage=0"])
+        task = task_cls(cfg)
+        raw = task.load_raw_datasets()
+        tok = task.build_tokenizer(raw)
+        tok.chat_template = SIMPLE_CHAT_TEMPLATE  # what setup installs on a tokenizer without one
+        task._max_len = 128
+        examples.append(task.prepare_datasets(raw, tok)["train"]["input_ids"])
+    assert examples[0] == examples[1] and len(examples[0]) == 60

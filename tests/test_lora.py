@@ -187,3 +187,66 @@ def test_trainable_parameters_and_merge_per_architecture(model_type, auto, head)
 def test_bad_lora_settings(tmp_path, args, match):
     with pytest.raises(UsageError, match=match):
         run_cli("task=sft", *args, *FAST, output_dir=tmp_path)
+
+
+def _topic_csv(path, n: int, seed: int):
+    import csv
+
+    from notrainer.tasks.classification import builtin_topic_sentences
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["text", "label"])
+        w.writeheader()
+        w.writerows(builtin_topic_sentences(n, seed=seed))
+    return path
+
+
+def test_a_classification_adapter_folder_reads_its_head_from_its_base(tmp_path):
+    """Label names and the head size come from the adapter's base config (an adapter folder has
+    no config.json): evaluation without training data, and training on, both from the folder."""
+    run = tmp_path / "run"
+    train, val = _topic_csv(tmp_path / "train.csv", 64, seed=0), _topic_csv(tmp_path / "val.csv", 40, seed=7)
+    trained = run_cli("task=classification", f"train_file={train}", f"validation_file={val}", "lora.r=4",
+                      "learning_rate=5e-3", "max_train_steps=8", *FAST, output_dir=run)
+    assert (run / "adapter_config.json").is_file() and not (run / "config.json").exists()
+    # no training data: the labels come from base_model/config.json, the adapter's base
+    ev = run_cli("task=classification", f"model_name_or_path={run}", f"validation_file={val}", "do_train=false",
+                 *FAST, output_dir=tmp_path / "eval")
+    assert ev["eval_loss"] == pytest.approx(trained["eval_loss"], rel=1e-6)
+    assert ev["eval_accuracy"] == trained["eval_accuracy"]
+    more = run_cli("task=classification", f"model_name_or_path={run}", "max_train_steps=2", *FAST,
+                   output_dir=tmp_path / "more")
+    assert more["global_step"] == 2
+
+
+def test_a_classification_adapter_on_a_headless_base_asks_for_the_training_data(tmp_path):
+    from transformers import AutoModel
+
+    from notrainer.builtin import tiny_config
+    from notrainer.run import parse_args
+
+    cfg, task_cls = parse_args(["task=classification"])
+    task = task_cls(cfg)
+    tok = task.build_tokenizer(task.load_raw_datasets())
+    base = tmp_path / "base"
+    AutoModel.from_config(tiny_config("bert", tok)).save_pretrained(base)  # no head, as sentence encoders ship
+    tok.save_pretrained(base)
+    run_cli("task=classification", f"model_name_or_path={base}", "lora.r=4", "max_train_steps=2", *FAST,
+            output_dir=tmp_path / "run")
+    val = _topic_csv(tmp_path / "val.csv", 40, seed=7)
+    with pytest.raises(UsageError, match="its labels are not recorded; give the training data too"):
+        run_cli("task=classification", f"model_name_or_path={tmp_path / 'run'}", f"validation_file={val}",
+                "do_train=false", output_dir=tmp_path / "eval")
+    train = _topic_csv(tmp_path / "train.csv", 64, seed=0)
+    ev = run_cli("task=classification", f"model_name_or_path={tmp_path / 'run'}", f"train_file={train}",
+                 f"validation_file={val}", "do_train=false", output_dir=tmp_path / "eval2")
+    assert "eval_accuracy" in ev
+
+
+def test_a_seq2seq_adapter_folder_continues_training(tmp_path):
+    """seq2seq checks that the model is an encoder-decoder from its config: for an adapter
+    folder, the base's."""
+    common = ("task=seq2seq", "max_train_steps=2", "max_train_samples=32", "max_eval_samples=8", "logging_steps=1000")
+    run_cli(*common, "lora.r=4", output_dir=tmp_path / "run")
+    more = run_cli(*common, f"model_name_or_path={tmp_path / 'run'}", output_dir=tmp_path / "more")
+    assert more["global_step"] == 2 and (tmp_path / "more" / "adapter_model.safetensors").is_file()

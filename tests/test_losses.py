@@ -84,6 +84,54 @@ def test_all_targets_ignored_gives_zero_not_nan():
     assert loss.item() == 0.0 and hidden.grad.abs().sum() == 0 and weight.grad.abs().sum() == 0
 
 
+def _transposed_fp32_token_losses(logits, labels, shift):
+    """What eval_step computed before the flat layout: a full fp32 copy of the logits,
+    cross-entropy over dimension 1. The reference the new path must reproduce."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none").sum(1)
+    return {"loss": loss, "num_items": (labels != -100).sum(1)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shift", [False, True])
+def test_eval_token_losses_equal_the_transposed_fp32_path(dtype, shift):
+    """tasks/base.py token_losses (every task's eval_step) gives today's numbers from the flat
+    layout, chunk by chunk (a chunk boundary inside a row, too), in fp32 whatever the logits' dtype."""
+    from notrainer.tasks.base import token_losses
+
+    torch.manual_seed(0)
+    logits = (torch.randn(5, 11, 37) * 4).to(dtype)
+    labels = torch.randint(0, 37, (5, 11))
+    labels[0, :3] = -100
+    labels[3] = -100  # a row with nothing to predict: loss 0, count 0
+    want = _transposed_fp32_token_losses(logits, labels, shift)
+    got = token_losses(logits, labels, shift=shift)
+    assert got["loss"].dtype == torch.float32
+    torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-6, atol=1e-5)
+    assert torch.equal(got["num_items"], want["num_items"])
+    targets = losses.shift_labels(labels) if shift else labels
+    chunked = losses.per_token_losses(logits, targets, chunk_rows=7)  # 55 rows in 8 chunks
+    torch.testing.assert_close(chunked.sum(1), want["loss"], rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_eval_from_hidden_states_equals_the_full_logits(bias):
+    """The chunked head's per-token losses (clm/sft eval with chunked_loss) equal the
+    transposed fp32 path on the full logits, with chunks that split rows."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(4, 9, 16), torch.randn(41, 16)
+    b = torch.randn(41) if bias else None
+    labels = torch.randint(0, 41, (4, 9))
+    labels[1, 5:] = -100
+    logits = hidden @ weight.t() + (b if bias else 0)
+    want = _transposed_fp32_token_losses(logits, labels, shift=True)
+    for chunk_rows in (5, 36, None):
+        got = losses.token_losses(hidden, weight, losses.shift_labels(labels), bias=b, chunk_rows=chunk_rows)
+        torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-6, atol=1e-5)
+        assert torch.equal(got["num_items"], want["num_items"])
+
+
 def _tiny_model(model_type: str, vocab: int = 97):
     from transformers import AutoConfig, AutoModelForCausalLM
 

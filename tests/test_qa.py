@@ -184,6 +184,33 @@ def test_the_three_file_layouts_read_the_same(tmp_path):
         assert got == want, path.name
 
 
+def test_squad_files_as_lists_globs_folders_and_compressed(tmp_path):
+    """load_qa_file takes every file form the other tasks take (data.resolve_files): SQuAD
+    documents compressed, several per split (a glob, a folder, a list), next to json lines."""
+    import gzip
+
+    from notrainer.tasks.qa import load_qa_file
+
+    records = builtin_qa(9, version_2=True, seed=3)
+    folder = tmp_path / "val"
+    folder.mkdir()
+    with gzip.open(folder / "part0.json.gz", "wt") as f:
+        f.write(json.dumps(squad_nested(records[:4])))
+    (folder / "part1.json").write_text(json.dumps(squad_nested(records[4:7])))
+    (folder / "part2.jsonl").write_text("\n".join(json.dumps(r) for r in records[7:]))
+
+    def rows(ds):
+        return sorted((r["id"], r["question"], tuple(r["answers"]["text"]), tuple(r["answers"]["answer_start"]))
+                      for r in ds)
+
+    want = rows(records)
+    assert rows(load_qa_file(str(folder), "validation")) == want
+    assert rows(load_qa_file([str(folder / "part*.json*")], "validation")) == want
+    assert rows(load_qa_file(str(folder / "part0.json.gz"), "validation")) == rows(records[:4])
+    with pytest.raises(UsageError, match="validation_file=.*nothing.json: no such file"):
+        load_qa_file(str(tmp_path / "nothing.json"), "validation")
+
+
 def test_windows_are_the_same_with_preprocessing_workers(trained):
     """Tokenizing goes through datasets.map, so preprocessing_num_workers applies to QA too:
     two worker processes give the same windows, and each window still points at its own

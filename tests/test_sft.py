@@ -224,6 +224,140 @@ def test_sft_is_its_own_task_with_only_its_own_keys():
     from notrainer.tasks.clm import CLMTask
 
     assert not issubclass(SFTTask, CLMTask)
-    for clm_key in ("block_size=8", "line_by_line=true", "chunked_loss=true", "text_column=text"):
+    for clm_key in ("block_size=8", "line_by_line=true", "text_column=text"):
         with pytest.raises(UsageError, match="unknown"):
             parse_args(["task=sft", clm_key])
+    assert parse_args(["task=sft", "chunked_loss=true"])[0].chunked_loss is True  # shared with clm, its own key
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_chunked_loss_equals_the_plain_loss_and_gradients(tokenizer, packing):
+    """chunked_loss=true (notrainer.losses, as for clm) gives the model's own loss and the same
+    gradient on every parameter, over response tokens only, with and without packing; and
+    eval_step gives the same per-example losses. Tolerances as in tests/test_losses.py."""
+    from accelerate.utils import set_seed
+
+    from notrainer import losses
+
+    args = ("max_train_samples=48", f"packing={str(packing).lower()}")
+    plain, chunked = _task(*args, "chunked_loss=false"), _task(*args, "chunked_loss=true")
+    set_seed(0)
+    model = plain.build_model(tokenizer)
+    plain.setup(model, tokenizer)
+    assert plain._head is None
+    ds = plain.prepare_datasets(plain.load_raw_datasets(), tokenizer)
+    batch = plain.collator(tokenizer)([ds["train"][i] for i in range(12)])
+    batch = {k: torch.as_tensor(v) for k, v in batch.items()}
+    labels = batch["labels"]
+    assert (labels == -100).any() and (labels != -100).any()  # prompts masked, responses trained
+    assert (batch["input_ids"].shape[0] == 1) == packing
+
+    model.train()
+    ref = plain.loss(model, batch)
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        ref_eval = plain.eval_step(model, batch)
+
+    chunked.setup(model, tokenizer)  # installs the switchable head on the same model
+    assert isinstance(chunked._head, losses.HiddenStatesHead)
+    loss = chunked.loss(model, batch)
+    loss.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    with torch.no_grad():
+        got_eval = chunked.eval_step(model, batch)
+    assert torch.equal(got_eval["num_items"], ref_eval["num_items"]) and len(got_eval["loss"]) == 12
+    torch.testing.assert_close(got_eval["loss"], ref_eval["loss"], rtol=1e-5, atol=1e-5)
+    # the per-example sums give back the mean loss the model reports
+    torch.testing.assert_close(got_eval["loss"].sum() / got_eval["num_items"].sum(), ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_loss_refuses_lora_on_the_output_layer(tokenizer, monkeypatch):
+    """LoRA on lm_head and the chunked loss cannot meet (the chunked loss bypasses the head's
+    forward): chunked_loss=true says so before training; auto keeps the model's loss, on CUDA too."""
+    from notrainer.tasks import common
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # auto would be on
+
+    def head_for(*args):
+        task = _task("lora.r=4", "lora.target_modules=[q_proj,lm_head]", *args)
+        return common.chunked_loss_head(task.cfg, task.build_model(tokenizer))
+
+    with pytest.raises(UsageError, match=r"chunked_loss=true: lora.target_modules adapts the output layer \(lm_head\)"):
+        head_for("chunked_loss=true")
+    assert head_for() is None
+
+
+def test_cli_chunked_loss_trains_like_the_plain_loss(tmp_path):
+    """The same short packed run with and without chunked_loss: same train and eval loss."""
+    common = ("task=sft", "packing=true", "max_train_steps=3", *FAST)
+    plain = run_cli(*common, "chunked_loss=false", output_dir=tmp_path / "plain")
+    chunked = run_cli(*common, "chunked_loss=true", output_dir=tmp_path / "chunked")
+    assert abs(chunked["train_loss"] - plain["train_loss"]) < 1e-4
+    assert abs(chunked["eval_loss"] - plain["eval_loss"]) < 1e-4
+
+
+def _tiny_base(tmp_path, tokenizer):
+    """A tiny llama and its tokenizer saved as a model folder (a user's base model)."""
+    from accelerate.utils import set_seed
+    from transformers import AutoModelForCausalLM
+
+    from notrainer.builtin import tiny_config
+
+    set_seed(1)
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_config(tiny_config("llama", tokenizer)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    return base
+
+
+def test_chunked_loss_under_qlora_equals_the_plain_loss_and_adapter_gradients(tmp_path, tokenizer):
+    """The 8B recipe's loss path on a tiny model (docs/finetune-8b.md): a 4-bit nf4 base, LoRA on
+    top, chunked_loss=true. The head stays an nn.Linear (bitsandbytes leaves it unquantized), peft's
+    k-bit preparation keeps the switch installed by setup, and the adapters get the plain gradients."""
+    pytest.importorskip("bitsandbytes")
+    from notrainer import losses
+    from notrainer.lora import apply_lora
+
+    base = _tiny_base(tmp_path, tokenizer)
+    task = _task(f"model_name_or_path={base}", "quantization=nf4", "lora.r=4", "lora.dropout=0", "chunked_loss=true",
+                 "packing=true", "max_train_samples=24")
+    tok = task.build_tokenizer(task.load_raw_datasets())
+    model = task.build_model(tok)
+    task.setup(model, tok)
+    model = apply_lora(model, task.cfg, task)
+    assert isinstance(task._head, losses.HiddenStatesHead) and not task._head.weight.requires_grad
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    ds = task.prepare_datasets(task.load_raw_datasets(), tok)
+    batch = {k: torch.as_tensor(v) for k, v in task.collator(tok)([ds["train"][i] for i in range(8)]).items()}
+    model.train()
+    adapters = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    ref = model(**batch, use_cache=False).loss
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in adapters.items()}
+    model.zero_grad(set_to_none=True)
+    loss = task.loss(model, batch)
+    loss.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in ref_grads.values())
+    for n, p in adapters.items():
+        torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_the_8b_recipe_runs_end_to_end_on_a_tiny_model(tmp_path, tokenizer):
+    """docs/finetune-8b.md's command, every memory key at once (nf4 base, LoRA on every linear
+    layer, bf16 weights and autocast, sdpa, gradient checkpointing, chunked loss, packing), on a
+    tiny llama on CPU: it trains, evaluates and exports the adapter."""
+    pytest.importorskip("bitsandbytes")
+    base = _tiny_base(tmp_path, tokenizer)
+    res = run_cli("task=sft", f"model_name_or_path={base}", "quantization=nf4", "lora.r=16",
+                  "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
+                  "torch_dtype=bfloat16", "mixed_precision=bf16", "attn_implementation=sdpa",
+                  "gradient_checkpointing=true", "chunked_loss=true", "packing=true", "max_train_steps=4",
+                  "per_device_train_batch_size=4", *FAST, output_dir=tmp_path / "run")
+    assert res["global_step"] == 4
+    assert math.isfinite(res["train_loss"]) and math.isfinite(res["eval_loss"])
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()

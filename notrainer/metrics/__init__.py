@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from notrainer.errors import UsageError
+from notrainer.errors import UsageError, first_line
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -37,6 +37,5 @@ def load_metric(name: str, **kwargs):
     try:
         return evaluate.load(name, **kwargs)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"metric={name!r} could not be loaded ({first}); offline, use one of: "
+        raise UsageError(f"metric={name!r} could not be loaded ({first_line(e)}); offline, use one of: "
                          f"{', '.join(sorted(LOCAL_METRICS)) or 'none'}") from None

@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from notrainer import builtin, data, lora
+from notrainer import builtin, data, loading, lora
 from notrainer.config import TrainConfig
 from notrainer.errors import UsageError, check, first_line
 from notrainer.imports import import_object
@@ -72,6 +72,8 @@ class Task:
     tokenizer_style: str = "bert"
     #: config values used when running on the built-in tiny model, unless the user sets them
     embedded_defaults: dict[str, Any] = {}
+    #: whether streaming=true works: the task implements `train_stream`
+    supports_streaming: bool = False
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -103,6 +105,7 @@ class Task:
         name = cfg.tokenizer_name or cfg.model_name_or_path or cfg.config_name
         if name is None:
             return builtin.train_tokenizer(self.tokenizer_texts(raw), style=self.tokenizer_style)
+        self.check_local_paths()
         from transformers import AutoTokenizer
 
         try:
@@ -113,14 +116,22 @@ class Task:
     def tokenizer_kwargs(self) -> dict:
         return {}
 
+    def check_local_paths(self) -> None:
+        """A misspelled local folder reads "no such folder" instead of the hub's complaint about
+        repo ids (data.check_local_model_path); runs before anything is loaded."""
+        for key_name in ("model_name_or_path", "tokenizer_name", "config_name"):
+            data.check_local_model_path(getattr(self.cfg, key_name, None), key_name)
+
     def pretrained_config(self, needed_for: str):
         """The config of the given model (model_name_or_path, else config_name), e.g. for the
         labels it was trained on when there is no training data to read them from."""
         cfg = self.cfg
         name = cfg.model_name_or_path or cfg.config_name
         check(name is not None, f"without training data the {needed_for} come from the model: give model_name_or_path=...")
+        self.check_local_paths()
         from transformers import AutoConfig
 
+        name = lora.adapter_base(name) or name  # an adapter folder has no config.json: its base has
         try:
             return AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
         except Exception as e:
@@ -144,11 +155,13 @@ class Task:
 
     def build_model(self, tokenizer) -> torch.nn.Module:
         cfg, cls = self.cfg, self.model_class()
+        self.check_local_paths()
         kwargs = self.model_kwargs(tokenizer)
         try:
             if cfg.model_name_or_path:  # a model folder, a Hub name, or a LoRA adapter folder (base + adapter)
                 return lora.from_pretrained(cls, cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code,
-                                            ignore_mismatched_sizes=cfg.ignore_mismatched_sizes, **kwargs)
+                                            ignore_mismatched_sizes=cfg.ignore_mismatched_sizes,
+                                            **loading.pretrained_kwargs(cfg), **kwargs)
             if cfg.config_name:
                 from transformers import AutoConfig
 
@@ -159,10 +172,12 @@ class Task:
                 config = builtin.tiny_config(model_type, tokenizer, **kwargs)
             else:
                 config = self.tiny_config(tokenizer)
-            if hasattr(cls, "from_config"):
-                return cls.from_config(config, trust_remote_code=cfg.trust_remote_code) \
-                    if cls.__name__.startswith("Auto") else cls._from_config(config)
-            return cls(config)
+            if hasattr(cls, "from_config"):  # dtype and attention kernel as requested (notrainer/loading.py)
+                return cls.from_config(config, trust_remote_code=cfg.trust_remote_code, **loading.config_kwargs(cfg)) \
+                    if cls.__name__.startswith("Auto") else cls._from_config(config, **loading.config_kwargs(cfg))
+            model = cls(config)
+            dtype = loading.config_kwargs(cfg).get("dtype")
+            return model.to(dtype) if dtype is not None else model
         except UsageError:
             raise
         except (OSError, ValueError, KeyError, RuntimeError) as e:
@@ -188,6 +203,12 @@ class Task:
         from transformers import default_data_collator
 
         return default_data_collator
+
+    def train_stream(self, raw, tokenizer, rank: int, world_size: int):
+        """streaming=true (after setup): this rank's training items, tokenized on the fly, as a
+        `notrainer.streaming.PackedStream` (checkpointable). `raw["train"]` is a sample of the
+        stream's first rows, for columns and formats."""
+        raise UsageError(f"task={self.name} cannot stream; streaming=true works with clm and sft")
 
     # ------------------------------------------------------------------ 8. training and evaluation
 
@@ -240,12 +261,14 @@ class Task:
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, shift: bool = False) -> dict[str, torch.Tensor]:
-    """Per-example summed cross-entropy and target counts, for eval_step."""
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100,
-                                             reduction="none").sum(1)
-    return {"loss": loss, "num_items": (labels != -100).sum(1)}
+    """Per-example summed cross-entropy and target counts, for eval_step. The logits are read
+    in their flat layout a chunk of rows at a time (notrainer.losses.per_token_losses): no fp32
+    copy of the whole tensor. With `shift` (causal LM) the labels move, not the logits: slicing
+    the logits would copy them."""
+    from notrainer import losses
+
+    targets = losses.shift_labels(labels) if shift else labels
+    return losses.per_example(losses.per_token_losses(logits, targets), targets)
 
 
 def safe_exp(x: float | None) -> float:

@@ -31,6 +31,7 @@ from notrainer import builtin
 from notrainer.config import TrainConfig, key
 from notrainer.data import map_splits, require_columns
 from notrainer.errors import UsageError, check
+from notrainer.lora import adapter_base
 
 from .base import Task, require_pad_token
 from .common import check_head_size, check_length, check_no_unseen_labels, label_ids, label_name
@@ -193,6 +194,12 @@ class ClassificationTask(Task):
         """Evaluation or prediction without training data: the labels the model was trained on."""
         cfg = self.cfg
         config = self.pretrained_config("labels")
+        if adapter_base(cfg.model_name_or_path) and not any(
+                a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
+            # peft's adapter folder keeps the head's weights but not its labels; a base without the head has none
+            raise UsageError(f"model_name_or_path={cfg.model_name_or_path} is a LoRA adapter whose base model has no "
+                             "classification head, so its labels are not recorded; give the training data too "
+                             "(train_file=..., with do_train=false) and the labels are read from it")
         self.problem_type = cfg.problem_type or config.problem_type or (REGRESSION if config.num_labels == 1 else SINGLE)
         self.label_names = [config.id2label[i] for i in range(config.num_labels)]
 

@@ -16,11 +16,11 @@ from typing import Optional
 
 from notrainer import builtin, losses
 from notrainer.config import TrainConfig, key
-from notrainer.data import map_splits, pick_text_column, require_columns
-from notrainer.errors import UsageError, check
+from notrainer.data import keeps_linebreaks, map_splits, pick_text_column, reads_text_files, require_columns
+from notrainer.errors import check
 
 from . import common
-from .base import Task, require_pad_token, safe_exp, token_losses
+from .base import Task, require_pad_token, safe_exp
 
 
 @dataclass
@@ -28,13 +28,16 @@ class CLMConfig(TrainConfig):
     text_column: Optional[str] = key(None, "column holding the text (default: 'text', else the first string column)")
     block_size: Optional[int] = key(None, "tokens per training block (default: min(1024, the model's positions))")
     line_by_line: bool = key(False, "one padded example per line/document instead of concatenate-and-chunk")
-    add_eos_token: bool = key(True, "append the end-of-text token to each document before chunking")
+    add_eos_token: bool = key(True, "append the end-of-text token to each document before chunking (JSON/CSV/parquet "
+                                    "rows; never to the lines of .txt files, as in run_clm_no_trainer.py)")
     chunked_loss: Optional[bool] = key(None, "lm_head + cross-entropy in chunks, never the full fp32 logits "
                                              "(docs/performance.md); default: on when CUDA is available")
 
     def validate(self) -> None:
         super().validate()
         check(self.block_size is None or self.block_size >= 2, "block_size must be >= 2")
+        check(not (self.streaming and self.line_by_line), "streaming=true packs documents into blocks; "
+                                                          "line_by_line=true cannot stream")
 
 
 class CLMTask(Task):
@@ -43,6 +46,7 @@ class CLMTask(Task):
     auto_model = "AutoModelForCausalLM"
     tiny_model_type = "gpt2"
     tokenizer_style = "gpt"
+    supports_streaming = True
     embedded_defaults = dict(learning_rate=2e-3, num_train_epochs=6.0, per_device_train_batch_size=16,
                              per_device_eval_batch_size=16, block_size=64, warmup_ratio=0.05,
                              lr_scheduler_type="cosine", weight_decay=0.01)
@@ -77,7 +81,7 @@ class CLMTask(Task):
         col = self.text_column(raw["train"] if "train" in raw else next(iter(raw.values())))
         for split in raw.values():
             require_columns(split, {"text_column": col})
-        eos = tokenizer.eos_token if cfg.add_eos_token and tokenizer.eos_token else ""
+        eos = tokenizer.eos_token if self.adds_eos(tokenizer) else ""
 
         if cfg.line_by_line:
             def tokenize(batch):
@@ -106,6 +110,24 @@ class CLMTask(Task):
                   f"the training text is shorter than one block of {block} tokens; lower block_size or add data")
         return grouped
 
+    def adds_eos(self, tokenizer) -> bool:
+        """End-of-text after each document: rows of JSON/CSV/parquet/hub data are documents; the
+        lines of a .txt file are not (run_clm_no_trainer.py reads them with their line breaks
+        and adds nothing), so the same .txt gives the same tokens as the script."""
+        return bool(self.cfg.add_eos_token and tokenizer.eos_token) and not reads_text_files(self.cfg)
+
+    def train_stream(self, raw, tokenizer, rank: int, world_size: int):
+        """The map-style blocks, built on the fly (notrainer.streaming: same packing rules)."""
+        from notrainer.data import open_train_stream
+        from notrainer.streaming import build_stream
+
+        cfg = self.cfg
+        return build_stream(cfg.train_file, tokenizer, self._block_size, rank=rank, world_size=world_size,
+                            seed=cfg.seed, shuffle_buffer_size=cfg.shuffle_buffer_size,
+                            text_column=self.text_column(raw["train"]), add_eos=self.adds_eos(tokenizer),
+                            keep_linebreaks=keeps_linebreaks(cfg),
+                            dataset=open_train_stream(cfg) if cfg.dataset_name else None)
+
     def collator(self, tokenizer):
         if self.cfg.line_by_line:
             from transformers import DataCollatorForLanguageModeling
@@ -118,42 +140,21 @@ class CLMTask(Task):
     def chunked_loss_head(self, model):
         """Install the switchable lm_head for notrainer.losses when chunked_loss is on (or auto
         on CUDA and supported); None otherwise."""
-        import torch
-
-        want = self.cfg.chunked_loss
-        reason = losses.unsupported_reason(model) or common.sharded_reason()
-        if want and reason:
-            raise UsageError(f"chunked_loss=true: {reason}; set chunked_loss=false")
-        if want is None:
-            want = torch.cuda.is_available() and reason is None
-        return losses.install_hidden_states_head(model) if want else None
+        return common.chunked_loss_head(self.cfg, model)
 
     def loss(self, model, batch):
         if self._head is None:
             return model(**batch).loss
         # The model runs through its wrappers (DDP, compile, autocast) and hands back its last
         # hidden state; the head's matmul and the cross-entropy then run chunk by chunk.
-        with losses.hidden_states_from(self._head):
-            # use_cache=False: no KV cache object is built for a training forward
-            hidden = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
-        return losses.linear_cross_entropy(hidden, self._head.weight, losses.shift_labels(batch["labels"]),
-                                           bias=self._head.bias,
-                                           compute_dtype=losses.compute_dtype_for(self.cfg.mixed_precision),
-                                           compiled=self.cfg.torch_compile)
+        return common.chunked_lm_loss(self.cfg, model, self._head, batch)
 
     def num_items(self, batch):
         return shifted_targets(batch)
 
     def eval_step(self, model, batch):
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        if self._head is not None:
-            with losses.hidden_states_from(self._head):
-                hidden = model(**inputs, use_cache=False).logits
-            return losses.token_losses(hidden, self._head.weight, losses.shift_labels(batch["labels"]),
-                                       bias=self._head.bias,
-                                       compute_dtype=losses.compute_dtype_for(self.cfg.mixed_precision))
-        logits = model(**inputs).logits
-        return token_losses(logits, batch["labels"], shift=True)
+        per_token = common.lm_per_token_losses(self.cfg, model, self._head, batch)
+        return losses.per_example(per_token, losses.shift_labels(batch["labels"]))
 
     def compute_metrics(self, outputs, eval_loss):
         return perplexity(eval_loss)

@@ -7,6 +7,8 @@
   the tasks that read their label set from the training data (classification, NER).
 - `sharded_reason`: whether the model's weights are sharded outside its forward (FSDP,
   DeepSpeed ZeRO-3), which the chunked loss and `generate(synced_gpus=...)` care about.
+- `chunked_loss_head`, `chunked_lm_loss`, `lm_per_token_losses`: the causal-LM loss through
+  notrainer.losses (clm and sft): training and evaluation read the same chunked head.
 
 The per-split `datasets.map` with the workers and cache keys is `notrainer.data.map_splits`.
 """
@@ -94,8 +96,11 @@ def check_head_size(cfg, head_suffix: str, num_labels: int, what: str) -> list[s
         return None
     from transformers import AutoConfig
 
+    from notrainer.lora import adapter_base
+
+    name = adapter_base(cfg.model_name_or_path) or cfg.model_name_or_path  # an adapter folder: its base's head
     try:
-        config = AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     except Exception:
         return None  # build_model reports a model that cannot be loaded
     has_head = any(a.endswith(head_suffix) for a in (getattr(config, "architectures", None) or []))
@@ -128,3 +133,76 @@ def sharded_reason() -> str | None:
     if state.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3:
         return "DeepSpeed ZeRO-3 shards lm_head.weight outside the forward pass"
     return None
+
+
+# ---------------------------------------------------------------------- the chunked causal-LM loss (clm, sft)
+
+
+def chunked_loss_head(cfg, model):
+    """The switchable lm_head for notrainer.losses when `chunked_loss` is on (or auto: on when
+    CUDA is available and the model is supported), else None. `chunked_loss=true` on a model
+    or setup it cannot serve is a usage error naming the reason."""
+    import torch
+
+    from notrainer import losses
+
+    want = cfg.chunked_loss
+    reason = losses.unsupported_reason(model) or sharded_reason() or _lora_head_reason(cfg, model)
+    if want and reason:
+        raise UsageError(f"chunked_loss=true: {reason}; set chunked_loss=false")
+    if want is None:
+        want = torch.cuda.is_available() and reason is None
+    return losses.install_hidden_states_head(model) if want else None
+
+
+def _lora_head_reason(cfg, model) -> str | None:
+    """LoRA on the output layer (lora.target_modules naming it, matched as peft matches: the
+    whole name or its last parts) would add the adapter's vocabulary-sized output to the hidden
+    state the switched-off head returns. setup runs before the adapters are applied, so the
+    config says it here."""
+    lc = getattr(cfg, "lora", None)
+    if lc is None or not lc.r or not lc.target_modules or not hasattr(model, "get_output_embeddings"):
+        return None
+    head = model.get_output_embeddings()
+    names = [n for n, m in model.named_modules() if m is head]
+    for target in lc.target_modules:
+        if any(n == target or n.endswith("." + target) for n in names):
+            return f"lora.target_modules adapts the output layer ({target}), which the chunked loss bypasses"
+    return None
+
+
+def _hidden_states(model, head, batch):
+    """The model's last hidden state: the model runs through its wrappers (DDP, compile,
+    autocast, peft) with the head switched off. use_cache=False: no KV cache object for a
+    training forward, and with packing a cache makes transformers skip the packed-sequence
+    detection (the examples of a row would attend to each other)."""
+    from notrainer import losses
+
+    with losses.hidden_states_from(head):
+        return model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+
+
+def chunked_lm_loss(cfg, model, head, batch):
+    """Mean cross-entropy over the batch's shifted targets (labels of -100 skipped: prompts,
+    padding, packed-example boundaries), the head's matmul and the softmax chunk by chunk."""
+    from notrainer import losses
+
+    hidden = _hidden_states(model, head, batch)
+    return losses.linear_cross_entropy(hidden, head.weight, losses.shift_labels(batch["labels"]), bias=head.bias,
+                                       compute_dtype=losses.compute_dtype_for(cfg.mixed_precision),
+                                       compiled=cfg.torch_compile)
+
+
+def lm_per_token_losses(cfg, model, head, batch, **forward_kwargs):
+    """Evaluation: each position's loss against its shifted target, (batch, seq), from the
+    chunked head when `head` is set, else from the model's logits (called with forward_kwargs)
+    read in their flat layout."""
+    from notrainer import losses
+
+    targets = losses.shift_labels(batch["labels"])
+    if head is not None:
+        hidden = _hidden_states(model, head, batch)
+        return losses.per_token_linear_losses(hidden, head.weight, targets, bias=head.bias,
+                                              compute_dtype=losses.compute_dtype_for(cfg.mixed_precision))
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}, **forward_kwargs).logits
+    return losses.per_token_losses(logits, targets)

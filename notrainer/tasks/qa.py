@@ -270,24 +270,41 @@ class QATask(Task):
 # ---------------------------------------------------------------------- data helpers
 
 
-def load_qa_file(path: str, split: str):
-    """One QA file as a flat Dataset: SQuAD json as published, records under "data", or any
+def load_qa_file(spec, split: str):
+    """One split's QA files (a file, a list, a glob or a folder, optionally compressed; see
+    data.resolve_files) as a flat Dataset: SQuAD json as published, records under "data", or any
     file the generic loader reads (json lines, csv, parquet)."""
     import datasets
 
-    if path.endswith(".json"):
-        try:
-            with open(path, encoding="utf-8") as f:
-                doc = json.load(f)
-        except json.JSONDecodeError:
-            doc = None  # json lines: left to the generic loader
-        if isinstance(doc, dict) and isinstance(doc.get("data"), list):
-            records = doc["data"]
-            if records and isinstance(records[0], dict) and "paragraphs" in records[0]:
-                records = flatten_squad(records)
-            return datasets.Dataset.from_list([{**r, "answers": normalise_answers(r.get("answers"))}
-                                               if "answers" in r else r for r in records])
-    return data.load_files({split: path})[split]
+    key_name = "validation_file" if split == "validation" else f"{split}_file"
+    paths = data.resolve_files(spec, key_name)
+    records, plain = [], []
+    for path in paths:
+        doc = _squad_document(path) if data.inner_extension(path) == ".json" else None
+        if doc is None:
+            plain.append(path)
+            continue
+        found = doc["data"]
+        if found and isinstance(found[0], dict) and "paragraphs" in found[0]:
+            found = flatten_squad(found)
+        records += [{**r, "answers": normalise_answers(r.get("answers"))} if "answers" in r else r for r in found]
+    if not records:
+        return data.load_files({split: plain})[split]
+    if plain:  # SQuAD documents next to json lines/csv files: one list of records
+        records += [{**r, "answers": normalise_answers(r.get("answers"))} if "answers" in r else r
+                    for r in data.load_files({split: plain})[split]]
+    return datasets.Dataset.from_list(records)
+
+
+def _squad_document(path: str):
+    """The parsed file when it is one JSON document with a "data" list (SQuAD as published),
+    else None (json lines and other shapes are left to the generic loader)."""
+    try:
+        with data.open_maybe_compressed(path, "rb") as f:  # json.load detects the UTF encoding
+            doc = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("data"), list) else None
 
 
 def flatten_squad(articles: list[dict]) -> list[dict]:

@@ -29,6 +29,7 @@ from notrainer import builtin
 from notrainer.config import TrainConfig, key
 from notrainer.data import map_splits, require_columns
 from notrainer.errors import UsageError, check, first_line
+from notrainer.lora import adapter_base
 
 from . import common
 from .base import Task, token_losses
@@ -181,8 +182,10 @@ class Seq2SeqTask(Task):
         if name and not self.cfg.model_class:
             from transformers import AutoConfig
 
+            self.check_local_paths()
             try:
-                config = AutoConfig.from_pretrained(name, trust_remote_code=self.cfg.trust_remote_code)
+                # an adapter folder has no config.json: its base model's decides
+                config = AutoConfig.from_pretrained(adapter_base(name) or name, trust_remote_code=self.cfg.trust_remote_code)
             except Exception as e:
                 raise UsageError(f"model {name!r} could not be loaded: {first_line(e)}") from None
             _require_encoder_decoder(config, name)

@@ -26,13 +26,13 @@ from typing import Optional
 
 import torch
 
-from notrainer import builtin
+from notrainer import builtin, losses
 from notrainer.config import TrainConfig, key
 from notrainer.data import map_splits, require_columns
 from notrainer.errors import UsageError, check, first_line
 
 from . import common
-from .base import Task, token_losses
+from .base import Task
 from .clm import perplexity, shifted_targets
 
 #: Used when the tokenizer has no chat template of its own (the built-in tokenizer, base models).
@@ -55,6 +55,8 @@ class SFTConfig(TrainConfig):
     max_seq_length: Optional[int] = key(None, "truncate examples to this many tokens (default: min(1024, the model's positions))")
     packing: bool = key(False, "pack each micro-batch into one row without padding; attention stays inside each example")
     max_new_tokens: int = key(128, "do_predict: most tokens generated per response (greedy)")
+    chunked_loss: Optional[bool] = key(None, "lm_head + cross-entropy in chunks over response tokens, never the full "
+                                             "fp32 logits (docs/performance.md); default: on when CUDA is available")
 
     def validate(self) -> None:
         super().validate()
@@ -67,6 +69,7 @@ class SFTTask(Task):
     auto_model = "AutoModelForCausalLM"
     tiny_model_type = "llama"  # its attention honours packed position ids (see setup)
     tokenizer_style = "gpt"
+    supports_streaming = True
     embedded_defaults = dict(learning_rate=3e-3, num_train_epochs=2.0, per_device_train_batch_size=16,
                              per_device_eval_batch_size=32, warmup_ratio=0.05, lr_scheduler_type="cosine",
                              weight_decay=0.01)
@@ -104,6 +107,8 @@ class SFTTask(Task):
     _tokenizer = None
     #: set by prepare_datasets: the test split's prompts, in order, for the prediction records
     _prompts: Optional[list] = None
+    #: the switchable lm_head when the chunked loss is on (notrainer.losses), else None
+    _head = None
 
     def setup(self, model, tokenizer) -> None:
         """Settles the example length and the tokenizer: the chat template (chat_template=,
@@ -113,6 +118,7 @@ class SFTTask(Task):
         cfg = self.cfg
         self._max_len = common.fit_length("max_seq_length", cfg.max_seq_length, model, tokenizer, default_cap=1024)
         self._tokenizer = tokenizer
+        self._head = common.chunked_loss_head(cfg, model)
         if cfg.chat_template:
             tokenizer.chat_template = _read_template(cfg.chat_template)
         elif tokenizer.chat_template is None:
@@ -137,6 +143,20 @@ class SFTTask(Task):
             else:
                 require_columns(split, {"prompt_column": cfg.prompt_column, "response_column": cfg.response_column})
 
+        import datasets
+
+        out = map_splits(datasets.DatasetDict(labelled), self.encoder(tokenizer, fmt), cfg, desc="tokenizing")
+        if "test" in raw:
+            out["test"] = self.prepare_prompts(raw["test"], tokenizer, fmt)
+        if "train" in out:
+            check(len(out["train"]) > 0, f"no training example has a response within max_seq_length={max_len} tokens")
+        return out
+
+    def encoder(self, tokenizer, fmt: str):
+        """The batched encoding (rows -> input_ids and labels with the prompt masked), shared by
+        the map-style path and the stream."""
+        cfg, max_len = self.cfg, self._max_len
+
         def encode(batch):
             rows = {"input_ids": [], "labels": []}
             n = len(next(iter(batch.values())))
@@ -153,14 +173,18 @@ class SFTTask(Task):
                     rows["labels"].append(labels)
             return rows
 
-        import datasets
+        return encode
 
-        out = map_splits(datasets.DatasetDict(labelled), encode, cfg, desc="tokenizing")
-        if "test" in raw:
-            out["test"] = self.prepare_prompts(raw["test"], tokenizer, fmt)
-        if "train" in out:
-            check(len(out["train"]) > 0, f"no training example has a response within max_seq_length={max_len} tokens")
-        return out
+    def train_stream(self, raw, tokenizer, rank: int, world_size: int):
+        """One encoded example per item; packing stays the collator's (packing=true)."""
+        from notrainer.data import keeps_linebreaks, open_train_stream
+        from notrainer.streaming import build_example_stream
+
+        cfg = self.cfg
+        return build_example_stream(cfg.train_file, self.encoder(tokenizer, self.data_format(raw["train"])),
+                                    rank=rank, world_size=world_size, seed=cfg.seed,
+                                    shuffle_buffer_size=cfg.shuffle_buffer_size, keep_linebreaks=keeps_linebreaks(cfg),
+                                    dataset=open_train_stream(cfg) if cfg.dataset_name else None)
 
     def collator(self, tokenizer):
         if self.cfg.packing:
@@ -178,24 +202,29 @@ class SFTTask(Task):
     # ------------------------------------------------------------------ loss and metrics
 
     def loss(self, model, batch):
+        # Prompt tokens and packed-example boundaries carry label -100 (tokenize_with_labels,
+        # DataCollatorWithFlattening), so both paths train on response tokens only.
+        if self._head is not None:
+            return common.chunked_lm_loss(self.cfg, model, self._head, batch)
         # use_cache=False matters for packing: with a cache, transformers skips the packed-sequence
         # detection and the examples of a row would attend to each other.
         return model(**batch, use_cache=False).loss
 
     def eval_step(self, model, batch):
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs, use_cache=False).logits
+        per_token = common.lm_per_token_losses(self.cfg, model, self._head, batch, use_cache=False)
+        targets = losses.shift_labels(batch["labels"])
         if "position_ids" not in batch or "attention_mask" in batch:
-            return token_losses(logits, batch["labels"], shift=True)
+            return losses.per_example(per_token, targets)
         # A packed row: split the per-token losses back into examples (position 0 starts one),
-        # so that every example is one row of the gathered outputs.
-        labels = batch["labels"][:, 1:]
-        per_token = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
-                                                      ignore_index=-100, reduction="none")
+        # so that every example is one row of the gathered outputs. Position t predicts the
+        # label at t + 1, so it belongs to the example of t + 1 (the row's last position
+        # predicts nothing and is dropped).
+        per_token, labels = per_token[:, :-1], batch["labels"][:, 1:]
         example = (batch["position_ids"] == 0).cumsum(-1)[:, 1:] - 1  # example index of each target
         n = int((batch["position_ids"] == 0).sum())
-        loss = torch.zeros(n, device=logits.device).index_add_(0, example.flatten(), per_token.flatten())
-        count = torch.zeros(n, device=logits.device, dtype=torch.long).index_add_(
+        loss = torch.zeros(n, device=per_token.device, dtype=per_token.dtype).index_add_(
+            0, example.flatten(), per_token.flatten())
+        count = torch.zeros(n, device=per_token.device, dtype=torch.long).index_add_(
             0, example.flatten(), (labels != -100).long().flatten())
         return {"loss": loss, "num_items": count}
 

@@ -25,6 +25,7 @@ from notrainer import builtin
 from notrainer.config import TrainConfig, key
 from notrainer.data import map_splits, require_columns
 from notrainer.errors import UsageError, check
+from notrainer.lora import adapter_base
 
 from .base import Task, require_pad_token, token_losses
 from .common import check_head_size, check_length, check_no_unseen_labels, label_ids, label_name
@@ -164,7 +165,8 @@ class TokenClassificationTask(Task):
         from transformers import AutoConfig
 
         try:
-            return AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code).model_type in PREFIX_SPACE_MODELS
+            base = adapter_base(name) or name  # an adapter folder has no config.json: its base model's decides
+            return AutoConfig.from_pretrained(base, trust_remote_code=cfg.trust_remote_code).model_type in PREFIX_SPACE_MODELS
         except Exception:
             return False
 
