@@ -42,7 +42,7 @@ from accelerate.utils import (
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import guards, history, preemption, throughput, trackers
+from . import elastic, guards, history, preemption, throughput, trackers
 from .batch import batch_shape, default_num_items, default_num_tokens
 from .config import LoopConfig
 from .errors import UsageError
@@ -71,6 +71,9 @@ def make_accelerator(config: LoopConfig | None = None, **settings) -> Accelerato
         from accelerate.utils import TorchDynamoPlugin
 
         kwargs["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor", mode=cfg.torch_compile_mode or "default")
+    if _env_true("ACCELERATE_USE_FSDP") and _env_true("ACCELERATE_USE_CPU") and os.environ.get("FSDP_VERSION", "1") != "2":
+        # (checked first: accelerate's FSDP1 plugin fails on CPU with a traceback about devices)
+        raise UsageError("FSDP1 does not run on CPU processes; use fsdp_version: 2 (launch/fsdp2.yaml) or a GPU machine")
     if _env_true("ACCELERATE_USE_DEEPSPEED") and not torch.cuda.is_available():
         # DeepSpeed on CPU processes (DS_ACCELERATOR=cpu) builds a gloo group, but accelerate
         # picks no backend without CUDA and then counts one process. Only here: a plain
@@ -118,8 +121,6 @@ def _fsdp2_on_cpu(acc: Accelerator) -> None:
 
     if not (_env_true("ACCELERATE_USE_FSDP") and acc.distributed_type == DistributedType.MULTI_CPU):
         return
-    if os.environ.get("FSDP_VERSION", "1") != "2":
-        raise UsageError("FSDP1 does not run on CPU processes; use fsdp_version: 2 (launch/fsdp2.yaml) or a GPU machine")
     plugin = FullyShardedDataParallelPlugin()  # from the launch file's FSDP_* variables
     if acc.mixed_precision != "no":
         plugin.set_mixed_precision(acc.mixed_precision)
@@ -244,6 +245,8 @@ class Loop:
 
         # Everything needed to continue exactly where a checkpoint left off, in one object.
         self.state = RunState.fresh(cfg.seed, acc.process_index)
+        self.state.layout = elastic.layout(acc.num_processes, getattr(train_loader, "batch_size", None),
+                                           self.gradient_accumulation_steps)
         self.results: dict[str, float] = {}
         self._stop: str | None = None  # why training stops early: "preempted", "early stopping"
         self._checkpoint_requested = False  # a timed checkpoint or a new best, due at this step's end
@@ -632,7 +635,12 @@ class Loop:
                                    f"evaluations (best {state.best_metric:.6g} at step {state.best_step})")
 
     def load_checkpoint(self, path_or_auto: str) -> None:
+        current = self.state.layout
         ckpt.load(self.accelerator, self.model, self.state, self.output_dir, path_or_auto)
+        if self.stateful_loader:  # a stream's position is per rank (refused on another count)
+            self.state.layout = current
+        else:
+            elastic.convert_position(self.state, current)
 
     def export(self) -> None:
         """Write the final model at the top of output_dir (see `export=`)."""

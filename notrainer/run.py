@@ -40,11 +40,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from .processes import is_rank0, teardown
 
-    status, message = 0, None
+    status, message, every_rank = 0, None, False
     try:
         run(argv)
     except UsageError as e:
         status, message = EXIT_USAGE, f"notrainer: error: {e}"
+        every_rank = getattr(e, "every_rank", False)
     except TrainingDiverged as e:  # non-finite losses: the last good checkpoint is kept
         status, message = EXIT_DIVERGED, f"notrainer: error: {e}"
     except Preempted as e:  # a signal asked us to stop: checkpoint written, requeue the job
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     # Only a finished run is known to have brought every rank here; after an error a rank may
     # still be elsewhere, so nothing waits for the others then.
     teardown(all_ranks_done=status == 0)
-    if message and is_rank0():
+    # A data shard that broke mid-stream is known only to the rank that read it (ShardError).
+    if message and (is_rank0() or every_rank):
         print(message, file=sys.stderr)
     return status
 
@@ -194,6 +196,14 @@ def build(cfg, task_cls):
     from .optim import build_optimizer, scheduler_factory
     from .streaming import stream_loader
 
+    if cfg.resume_from_checkpoint:  # another process count: keep the checkpoint's global batch
+        from .checkpoint import resolve
+        from .elastic import plan
+        from .processes import is_rank0
+
+        note = plan(cfg, resolve(cfg.output_dir, cfg.resume_from_checkpoint), int(os.environ.get("WORLD_SIZE", "1")))
+        if note and is_rank0():
+            print(note, file=sys.stderr)
     acc = make_accelerator(cfg)
     check_distributed(acc)
     settle_mixed_precision(cfg, acc)

@@ -80,6 +80,9 @@ class RunState:
     best_metric: float | None = None  # best value of metric_for_best_model so far
     best_step: int = -1  # the step it was measured at; its checkpoint is never deleted
     evals_without_improvement: int = 0  # for early_stopping_patience
+    #: processes, per-device batch and accumulation the counters were taken with: resuming on
+    #: another process count converts step_in_epoch through it (notrainer/elastic.py)
+    layout: dict | None = None
 
     data_rng: DataRNG = field(default_factory=DataRNG, repr=False, metadata=_NOT_SAVED)
     #: a stateful train loader's position (streaming): its state_dict() at the last step boundary

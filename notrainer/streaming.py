@@ -40,6 +40,13 @@ from .data import find_bad_place, load_files, resolve_files, split_format
 from .errors import UsageError, check, first_line
 
 Batch = dict[str, list]  # a `datasets.map`-style batch: column -> values
+
+
+class ShardError(UsageError):
+    """A shard that breaks in the middle of the stream. Each rank reads its own shards, so only
+    the rank that hit it knows: the CLI prints this one on every rank (not only rank 0)."""
+
+    every_rank = True
 Step = Callable[[Batch], Batch]
 
 
@@ -139,7 +146,7 @@ class PackedStream(torch.utils.data.IterableDataset):
                 try:
                     batch = next(batches, None)
                 except Exception as e:  # a shard that cannot be decompressed or parsed mid-stream
-                    raise UsageError(shard_error(getattr(self.make_source, "files", []), e)) from None
+                    raise ShardError(shard_error(getattr(self.make_source, "files", []), e)) from None
                 if batch is None:
                     break
                 # a generator's state is live once it runs: after this batch, before the next
@@ -322,7 +329,7 @@ def _one_line_errors(iterator):
             lines = [line for line in str(e).splitlines() if line.strip()]
             if "Original Traceback" not in str(e):
                 raise
-            raise UsageError(lines[-1].split("UsageError: ", 1)[-1]) from None
+            raise type(e)(lines[-1].split("Error: ", 1)[-1]) from None
         yield batch
 
 

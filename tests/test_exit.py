@@ -1,49 +1,69 @@
-"""Every 2-process run ends: the explicit teardown (barriers, trackers closed, wrapped objects
-released, process group destroyed) leaves no rank alive in gloo's destructor. The 2-process CLI
-runs 10 times in a row under a tight per-run timeout; each exits with its expected status."""
+"""Every 2-process run ends: the explicit teardown (barriers on success, trackers closed, wrapped
+objects released, process group destroyed; no barrier after an error) leaves no rank alive in
+gloo's destructor. The 2-process CLI runs 10 times in a row under a tight per-run timeout -
+successes, a usage error raised after the process group exists, and a preempted run - and each
+exits with its expected status."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 
-from conftest import CPU_ENV, REPO, launch_command
+from conftest import CPU_ENV, REPO, _free_port
 
 pytestmark = pytest.mark.slow
-RUNS, PER_RUN_TIMEOUT = 10, 120  # a run takes ~25 s on a busy 2-core machine; a hang takes forever
+PER_RUN_TIMEOUT = 120  # a run takes ~15-30 s on a busy 2-core machine; a hang takes forever
+TINY = ["report_to=none", "max_train_steps=2", "do_eval=false", "per_device_train_batch_size=2"]
+
+# Each rank asks itself to stop (as a scheduler's SIGTERM would) during its first micro-batch.
+PREEMPTED_TASK = '''
+import os, signal
+from notrainer.tasks.clm import CLMTask
+
+class SelfPreemptingCLM(CLMTask):
+    sent = False
+
+    def loss(self, model, batch):
+        if not SelfPreemptingCLM.sent:
+            SelfPreemptingCLM.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().loss(model, batch)
+'''
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    cmd = launch_command(["-m", "notrainer.run", "task=clm", "report_to=none", *args], num_processes=2)
+def _run(*args: str, precision: str = "no") -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", precision, "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "notrainer.run", *args]
     proc = subprocess.Popen(cmd, env={**os.environ, **CPU_ENV}, cwd=str(REPO), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=PER_RUN_TIMEOUT)
     except subprocess.TimeoutExpired:
-        import psutil  # a dependency of accelerate
+        from dist_helpers import kill9_tree  # the launcher and its ranks (a hung rank outlives the launcher)
 
-        stuck = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        for p in stuck:  # the launcher and its ranks (a hung rank would outlive the launcher)
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        proc.communicate()
+        kill9_tree(proc)
         raise AssertionError(f"a 2-process run did not exit within {PER_RUN_TIMEOUT} s: {' '.join(cmd)}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def test_ten_two_process_runs_in_a_row_all_exit(tmp_path):
-    for i in range(RUNS):
+    task_file = tmp_path / "preempt.py"
+    task_file.write_text(PREEMPTED_TASK)
+    for i in range(10):
         out = tmp_path / f"run{i}"
-        proc = _run("max_train_steps=4", "eval_steps=4", "per_device_train_batch_size=4", f"output_dir={out}")
-        assert proc.returncode == 0, f"run {i}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
-        assert (out / "all_results.json").is_file()
-
-
-def test_a_usage_error_on_two_processes_exits_2(tmp_path):
-    proc = _run("max_train_steps=-1", f"output_dir={tmp_path / 'o'}")
-    assert proc.returncode != 0  # accelerate launch reports a failed rank as 1; the ranks exit 2
-    assert "notrainer: error:" in proc.stderr
+        if i == 3:  # a usage error after the process group exists (the key contradicts the launch file)
+            proc = _run("task=clm", *TINY, "mixed_precision=fp16", f"output_dir={out}", precision="bf16")
+            assert proc.returncode != 0 and "notrainer: error: mixed_precision=fp16" in proc.stderr, proc.stderr[-3000:]
+        elif i == 6:  # preempted: a checkpoint, no results, the preempted status
+            proc = _run(f"task={task_file}:SelfPreemptingCLM", *TINY, f"output_dir={out}")
+            assert proc.returncode != 0, proc.stderr[-3000:]
+            assert "exitcode  : 75" in proc.stderr or "exit status 75" in proc.stderr, proc.stderr[-3000:]
+            assert list((out / "checkpoints").glob("step_*/COMPLETE")) and not (out / "all_results.json").exists()
+        else:
+            proc = _run("task=clm", *TINY, f"output_dir={out}")
+            assert proc.returncode == 0, f"run {i}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+            assert (out / "all_results.json").is_file()

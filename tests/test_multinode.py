@@ -15,7 +15,7 @@ import pytest
 from conftest import CPU_ENV, REPO, _free_port, cli_subprocess, read_results
 
 pytestmark = pytest.mark.slow
-ARGS = ["task=clm", "report_to=none", "max_train_steps=12", "checkpointing_steps=6", "eval_steps=6"]
+ARGS = ["task=clm", "report_to=none", "max_train_steps=4", "checkpointing_steps=2", "eval_steps=4"]
 
 
 def _two_nodes(*args: str, timeout: int = 300) -> list[str]:
@@ -47,14 +47,14 @@ def test_two_nodes_on_one_machine_train_checkpoint_and_resume(tmp_path):
     out = tmp_path / "nodes"
     _two_nodes(*ARGS, f"output_dir={out}")
     assert read_results(out)["eval_loss"] == pytest.approx(read_results(single)["eval_loss"], rel=1e-6)
-    step = out / "checkpoints" / "step_6"
+    step = out / "checkpoints" / "step_2"
     # per-rank state from both nodes, the rest once
     assert {p.name for p in step.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     assert (step / "COMPLETE").is_file() and (out / "model.safetensors").is_file()
 
-    # resume from step 6 on both nodes: the same end as the uninterrupted run
+    # resume from step 2 on both nodes: the same end as the uninterrupted run
     want = read_results(out)
-    shutil.rmtree(out / "checkpoints" / "step_12")
+    shutil.rmtree(out / "checkpoints" / "step_4")
     (out / "all_results.json").unlink()
     (out / "model.safetensors").unlink()
     logs = _two_nodes(*ARGS, f"output_dir={out}", "resume_from_checkpoint=auto")

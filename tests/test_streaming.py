@@ -172,7 +172,7 @@ def _task_data(tmp_path, task):
     return _jsonl_shards(tmp_path / "train", train, 4), str(tmp_path / "val.jsonl")
 
 
-@pytest.mark.parametrize("task, steps", [("clm", 60), ("sft", 80)])
+@pytest.mark.parametrize("task, steps", [("clm", 60), ("sft", 120)])
 def test_streaming_trains_like_the_map_style_path(tmp_path, task, steps):
     from conftest import one_thread, reset_accelerate_state, run_cli
 
@@ -211,19 +211,21 @@ def test_streaming_settings_that_cannot_work_are_one_line(tmp_path, capsys, args
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
-def test_a_shard_that_breaks_mid_stream_stops_the_run_at_a_step_boundary(tmp_path, capsys):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_shard_that_breaks_mid_stream_stops_the_run_at_a_step_boundary(tmp_path, capsys, workers):
     from notrainer.checkpoint import list_checkpoints, verify
 
-    # Two good shards of 1000 short documents (one read group each: ~10 steps), then a cut-off one.
-    docs = [{"text": d} for d in _docs(2000, seed=6)]
-    train = _jsonl_shards(tmp_path / "train", docs + [{"text": "x"}] * 500, 3)
-    broken = tmp_path / "train" / "part-002.jsonl.gz"
+    # Four good shards of 900 short documents (a read group each: ~8 steps), then a cut-off one
+    # (with 2 workers, worker 0 reads part-000, -002, then the broken -004).
+    docs = [{"text": d} for d in _docs(4500, seed=6)]
+    train = _jsonl_shards(tmp_path / "train", docs, 5)
+    broken = tmp_path / "train" / "part-004.jsonl.gz"
     broken.write_bytes(broken.read_bytes()[:-30])
     out = tmp_path / "run"
     status, err = _cli_error(["task=clm", "streaming=true", f"train_file={train}", "max_train_steps=500",
                               "checkpointing_steps=2", "block_size=64", "per_device_train_batch_size=16",
-                              "dataloader_num_workers=0", f"output_dir={out}"], capsys)
-    assert status == 2 and "part-002.jsonl.gz cannot be decompressed" in err
+                              f"dataloader_num_workers={workers}", f"output_dir={out}"], capsys)
+    assert status == 2 and err.startswith(f"notrainer: error: streaming: {broken} cannot be decompressed")
     saved = list_checkpoints(out)
     assert len(saved) >= 3 and all(verify(p) is None for p in saved)  # everything saved is intact
     assert not (out / "model.safetensors").exists()

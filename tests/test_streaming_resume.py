@@ -59,3 +59,30 @@ def test_streaming_kill9_then_auto_resume_is_bitwise_equal(slow_task, corpus, tm
     got, want = (json.loads((p / "all_results.json").read_text()) for p in (out, ref))
     assert (got["global_step"], got["train_loss"]) == (want["global_step"], want["train_loss"])
     assert (Path(out) / "checkpoints" / f"step_{STEPS}" / "loader_state_0.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_shard_that_breaks_on_one_rank_is_named_and_the_checkpoints_stay_whole(tmp_path):
+    """Only the rank that reads the broken shard knows of it: it prints the one line; the other
+    rank loses its peer (accelerate's launcher then exits non-zero)."""
+    from notrainer.checkpoint import list_checkpoints, verify
+
+    from conftest import cli_subprocess
+    from test_streaming import _docs, _jsonl_shards
+
+    docs = [{"text": d} for d in _docs(4000, seed=8)]
+    train = _jsonl_shards(tmp_path / "train", docs, 4)  # rank 1 reads part-001 and part-003
+    broken = tmp_path / "train" / "part-003.jsonl.gz"
+    broken.write_bytes(broken.read_bytes()[:-30])
+    out = tmp_path / "run"
+    proc = cli_subprocess("task=clm", "streaming=true", f"train_file={train}", "max_train_steps=500",
+                          "checkpointing_steps=2", "block_size=64", "per_device_train_batch_size=16",
+                          "report_to=none", "progress=false", f"output_dir={out}", num_processes=2, check=False,
+                          timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("notrainer: error:")]
+    assert errors == [f"notrainer: error: streaming: {broken} cannot be decompressed "
+                      "(Compressed file ended before the end-of-stream marker was reached)"]
+    saved = list_checkpoints(out)
+    assert len(saved) >= 2 and all(verify(p) is None for p in saved)
+    assert not (out / "model.safetensors").exists()

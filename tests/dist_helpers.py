@@ -1,0 +1,89 @@
+"""Helpers for the tests that launch real multi-process runs of the CLI (DeepSpeed, FSDP2,
+elastic resume): start, kill -9 the whole process tree, wait for a checkpoint, evaluate an
+export in a fresh process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import REPO, _free_port, read_results
+
+# A task that sleeps in each micro-batch (SLOW_STEP_SECONDS) so that kill -9 lands between two
+# checkpoints; otherwise it is task=clm.
+SLOW_TASK = '''
+import os, time
+from notrainer.tasks.clm import CLMTask
+
+class SlowCLM(CLMTask):
+    def loss(self, model, batch):
+        time.sleep(float(os.environ.get("SLOW_STEP_SECONDS", "0")))
+        return super().loss(model, batch)
+'''
+
+
+def slow_task_arg(tmp_path: Path) -> str:
+    path = tmp_path / "slow_task.py"
+    path.write_text(SLOW_TASK)
+    return f"task={path}:SlowCLM"
+
+
+def start(launch_args: list[str], *args: str, env: dict) -> subprocess.Popen:
+    """`accelerate launch <launch_args> -m notrainer.run <args>` in the background."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args,
+           "--main_process_port", str(_free_port()), "-m", "notrainer.run", *args]
+    return subprocess.Popen(cmd, env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 400) -> str:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill9_tree(proc)
+        raise AssertionError(f"the run did not exit within {timeout} s") from None
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{err[-4000:]}"
+    return out + err
+
+
+def kill9_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and all its ranks at once, as a node failure would."""
+    import psutil  # a dependency of accelerate
+
+    try:
+        root = psutil.Process(proc.pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+    proc.communicate()
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before {path} appeared\n"
+                                 f"{proc.communicate()[1][-3000:]}")
+        if time.monotonic() > deadline:
+            kill9_tree(proc)
+            raise AssertionError(f"{path} did not appear in {timeout} s")
+        time.sleep(0.05)
+
+
+def fresh_eval_loss(model_dir: Path, tmp_path: Path) -> float:
+    """The exported folder, evaluated by a new single process (from_pretrained, no engine)."""
+    out = tmp_path / "fresh_eval"
+    proc = subprocess.run([sys.executable, "-m", "notrainer.run", "task=clm", "mode=eval", "report_to=none",
+                           "block_size=64", f"model_name_or_path={model_dir}", f"output_dir={out}"],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=str(REPO), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return read_results(out)["eval_loss"]
