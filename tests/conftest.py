@@ -116,3 +116,24 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory):
+    """A tiny llama + tokenizer saved to a folder (fp32 weights), as a user's base model would be
+    (LoRA, QLoRA and adapter-checkpoint tests start from it)."""
+    from accelerate.utils import set_seed
+    from transformers import AutoModelForCausalLM
+
+    from notrainer.builtin import tiny_config
+    from notrainer.run import parse_args
+
+    cfg, task_cls = parse_args(["task=sft"])
+    task = task_cls(cfg)
+    tok = task.build_tokenizer(task.load_raw_datasets())
+    set_seed(1)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", tok))
+    path = tmp_path_factory.mktemp("base") / "tiny-llama"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

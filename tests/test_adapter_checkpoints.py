@@ -19,26 +19,6 @@ from test_resume import ARGS, EVERY, SLOW_TASK, _kill9_between_checkpoints
 FAST = ("max_train_samples=64", "max_eval_samples=16", "logging_steps=1000")
 
 
-@pytest.fixture(scope="module")
-def base_folder(tmp_path_factory):
-    """A tiny llama + tokenizer saved to a folder, as a user's base model would be."""
-    from accelerate.utils import set_seed
-    from transformers import AutoModelForCausalLM
-
-    from notrainer.builtin import tiny_config
-    from notrainer.run import parse_args
-
-    cfg, task_cls = parse_args(["task=sft"])
-    task = task_cls(cfg)
-    tok = task.build_tokenizer(task.load_raw_datasets())
-    set_seed(1)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", tok))
-    path = tmp_path_factory.mktemp("base") / "tiny-llama"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def _keys(file) -> list[str]:
     with safe_open(str(file), framework="pt") as f:
         return list(f.keys())

@@ -18,26 +18,6 @@ FAST = ("max_train_samples=64", "max_eval_samples=16", "logging_steps=1000")
 
 
 @pytest.fixture(scope="module")
-def base_folder(tmp_path_factory):
-    """A 'pretrained' tiny llama + tokenizer saved to a folder, as a user's base model would be."""
-    from accelerate.utils import set_seed
-    from transformers import AutoModelForCausalLM
-
-    from notrainer.builtin import tiny_config
-    from notrainer.run import parse_args
-
-    cfg, task_cls = parse_args(["task=sft"])
-    task = task_cls(cfg)
-    tok = task.build_tokenizer(task.load_raw_datasets())
-    set_seed(1)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", tok))
-    path = tmp_path_factory.mktemp("base") / "tiny-llama"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, base_folder):
     out = tmp_path_factory.mktemp("lora") / "run"
     results = run_cli("task=sft", f"model_name_or_path={base_folder}", "lora.r=8", "lora.merge=true",

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CPU_ENV, REPO, launch_command, one_thread, read_results, run_cli
+from dist_helpers import kill9_tree, wait_for
 
 # The task sleeps in each micro-batch (SLOW_STEP_SECONDS) so that a test can hit the run between
 # two checkpoints; the numbers are those of task=clm.
@@ -60,31 +61,6 @@ def _start(args: list[str], num_processes: int, slow: float, **env_extra: str) -
     return subprocess.Popen(cmd, env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"the run ended (exit {proc.returncode}) before {path} appeared\n{err[-3000:]}")
-        assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
-        time.sleep(0.02)
-
-
-def _kill9_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher and every process under it at once, as a node failure would
-    (torchrun starts each rank in a session of its own, so a process group is not enough)."""
-    import psutil  # a dependency of accelerate
-
-    root = psutil.Process(proc.pid)
-    procs = [root, *root.children(recursive=True)]
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-
-
 def _steps(out: Path) -> list[int]:
     root = out / "checkpoints"
     return sorted(int(p.name.split("_")[1]) for p in root.iterdir() if p.name.startswith("step_")) if root.exists() else []
@@ -92,10 +68,9 @@ def _steps(out: Path) -> list[int]:
 
 def _kill9_between_checkpoints(args: list[str], out: Path, num_processes: int) -> None:
     proc = _start(args, num_processes, slow=0.15)
-    _wait_for(out / "checkpoints" / f"step_{EVERY}" / "COMPLETE", proc)
+    wait_for(out / "checkpoints" / f"step_{EVERY}" / "COMPLETE", proc)
     time.sleep(0.5)  # a few micro-batches into the next checkpoint interval
-    _kill9_tree(proc)
-    proc.communicate()
+    kill9_tree(proc)  # drains its output too
     assert _steps(out) == [EVERY], "the kill must land between two checkpoints"
     assert not (out / "model.safetensors").exists()
 
@@ -135,7 +110,7 @@ def test_kill9_then_auto_resume_is_bitwise_equal_ddp(slow_task, tmp_path):
 def test_sigterm_checkpoints_and_exits_75_then_resume_finishes(slow_task, reference, tmp_path):
     out = tmp_path / "run"
     proc = _start([slow_task, *ARGS, f"output_dir={out}"], num_processes=1, slow=0.15)
-    _wait_for(out / "checkpoints" / f"step_{EVERY}" / "COMPLETE", proc)
+    wait_for(out / "checkpoints" / f"step_{EVERY}" / "COMPLETE", proc)
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
@@ -160,7 +135,7 @@ def test_sigterm_checkpoints_and_exits_75_then_resume_finishes(slow_task, refere
 def test_second_signal_stops_at_once_and_keeps_the_checkpoints(slow_task, tmp_path):
     out, slow_file = tmp_path / "run", tmp_path / "slow"
     proc = _start([slow_task, *ARGS, f"output_dir={out}"], num_processes=1, slow=0.05, SLOW_STEP_FILE=str(slow_file))
-    _wait_for(out / "checkpoints" / f"step_{EVERY}" / "COMPLETE", proc)
+    wait_for(out / "checkpoints" / f"step_{EVERY}" / "COMPLETE", proc)
     slow_file.write_text("30")  # from now on a micro-batch takes 30 s: the first signal cannot finish the step
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
