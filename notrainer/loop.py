@@ -253,6 +253,7 @@ class Loop:
         self._signals: preemption.StopSignal | None = None
         self._history = False  # log_history.jsonl is written by fit() on the main process
         self._eval_seconds = 0.0  # time spent evaluating inside training, kept out of the rates
+        self._log_time = time.perf_counter()  # start of the logging window (reset by _log_reset)
         self._log_seq_len = 0
 
     # ------------------------------------------------------------------ the loop
@@ -488,8 +489,7 @@ class Loop:
         metrics["eval_runtime"] = round(seconds, 3)
         # Training rates leave the evaluations out: this logging window and train_runtime.
         self._eval_seconds += seconds
-        if hasattr(self, "_log_time"):
-            self._log_time += seconds
+        self._log_time += seconds
         self.state.last_eval_step = self.state.global_step
         self.results.update(metrics)
         if self.metric_for_best_model:

@@ -196,12 +196,16 @@ def build(cfg, task_cls):
     from .optim import build_optimizer, scheduler_factory
     from .streaming import stream_loader
 
+    # The checkpoint to resume from, verified once (its files are read back): the layout plan and
+    # the model checks below both use it.
+    resume_path = None
     if cfg.resume_from_checkpoint:  # another process count: keep the checkpoint's global batch
         from .checkpoint import resolve
         from .elastic import plan
         from .processes import is_rank0
 
-        note = plan(cfg, resolve(cfg.output_dir, cfg.resume_from_checkpoint), int(os.environ.get("WORLD_SIZE", "1")))
+        resume_path = resolve(cfg.output_dir, cfg.resume_from_checkpoint)
+        note = plan(cfg, resume_path, int(os.environ.get("WORLD_SIZE", "1")))
         if note and is_rank0():
             print(note, file=sys.stderr)
     acc = make_accelerator(cfg)
@@ -223,14 +227,12 @@ def build(cfg, task_cls):
     if is_peft_model(model):  # checkpoints hold the adapters only; the frozen base is referenced
         base = adapter_checkpoints.base_identity(model, cfg)
         adapter_checkpoints.register(acc, base)
-    if cfg.resume_from_checkpoint:  # another model shape fails here, before output_dir is touched
-        from .checkpoint import check_model, resolve
+    if resume_path is not None:  # another model shape fails here, before output_dir is touched
+        from .checkpoint import check_model
 
-        path = resolve(cfg.output_dir, cfg.resume_from_checkpoint)
-        if path is not None:
-            check_model(path, model)
-            if base is not None:
-                adapter_checkpoints.check_base(path, base)
+        check_model(resume_path, model)
+        if base is not None:
+            adapter_checkpoints.check_base(resume_path, base)
     # streaming: raw["train"] is only a sample of the stream (data.load_streaming_raw); the
     # training items are tokenized on the fly by task.train_stream, the other splits here.
     streaming = cfg.streaming and cfg.do_train
