@@ -7,7 +7,7 @@ against the corpus size.
 
 (1) Throughput. The same tokenizer (a byte-level BPE trained here, fast/Rust) tokenizes the
     same documents twice in one run: bare (`tokenizer(batch of 1000 texts)` on documents already
-    in memory) and through the streaming pipeline (`notrainer.streaming`: read and decompress
+    in memory) and through the streaming pipeline (`notrainer.data.streaming`: read and decompress
     the shards, parse JSON lines, tokenize, pack into blocks, collate batches; DataLoader with
     0, 1 and 2 workers). Both count the same tokens (the ids before packing) per second of wall
     time. The tokenizer runs single-threaded (TOKENIZERS_PARALLELISM=false), so one worker is
@@ -75,7 +75,7 @@ def write_corpus(folder: str, docs: list[str], megabytes: float, seed: int = 0) 
 
 
 def build_tokenizer(docs: list[str]):
-    from notrainer.builtin import train_tokenizer
+    from notrainer.data.builtin import train_tokenizer
 
     return train_tokenizer(docs[:2000], vocab_size=8000, style="gpt")
 
@@ -98,7 +98,7 @@ def pipeline_throughput(tokenizer, folder: str, workers: int, min_tokens: int, b
     pack -> collate, through the DataLoader the CLI uses."""
     from transformers import default_data_collator
 
-    from notrainer.streaming import build_stream, stream_loader
+    from notrainer.data.streaming import build_stream, stream_loader
 
     stream = build_stream(folder, tokenizer, block_size=block_size)
     loader = stream_loader(stream, batch_size=batch_size, collate_fn=default_data_collator, num_workers=workers)

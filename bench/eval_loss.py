@@ -4,7 +4,7 @@ Every task's `eval_step` turns the model's logits into per-example summed losses
 issue 14 that was `cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")`:
 a full fp32 copy of the logits (when they are bf16/fp16), reduced over a strided vocabulary
 dimension. Now the logits are read in their flat (rows x vocab) layout a chunk of rows at a
-time (`notrainer.losses.per_token_losses`), and with `chunked_loss` the causal-LM tasks never
+time (`notrainer.modeling.losses.per_token_losses`), and with `chunked_loss` the causal-LM tasks never
 build the whole logits at all (`per_token_linear_losses` on the last hidden state).
 
 Three paths, timed on the same model and batches in one process, alternating, several repeats:
@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from notrainer import losses  # noqa: E402
+from notrainer.modeling import losses  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -57,7 +57,7 @@ def clm_default(args):
     """The task=clm embedded default as the CLI builds it: (task, model, batches)."""
     from accelerate.utils import set_seed
 
-    from notrainer.run import parse_args
+    from notrainer.cli.run import parse_args
 
     cfg, task_cls = parse_args(["task=clm", "chunked_loss=true", "report_to=none"])
     set_seed(cfg.seed)

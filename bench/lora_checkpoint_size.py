@@ -3,7 +3,7 @@
 A GPT-2 124M-shaped model (transformers' GPT2Config defaults, random init, built from the
 config on CPU) with lora.r=8 on task=clm's built-in data: two optimizer steps, a checkpoint at
 step 2. Run twice: once as notrainer does now (adapter-only checkpoints,
-notrainer/adapter_checkpoints.py) and once with its accelerate hooks left out, which is what a
+notrainer/modeling/adapter_checkpoints.py) and once with its accelerate hooks left out, which is what a
 checkpoint held before. Prints each checkpoint's files and sizes and the time its save took.
 
     OMP_NUM_THREADS=1 python bench/lora_checkpoint_size.py [--rank 8] [--out runs/bench-lora-ckpt]
@@ -20,8 +20,8 @@ from unittest import mock
 
 def _run(out: str, config_dir: str, rank: int) -> float:
     """Runs the CLI; returns the seconds the checkpoint save took."""
-    from notrainer import checkpoint
-    from notrainer.run import run
+    from notrainer.engine import checkpoint
+    from notrainer.cli.run import run
 
     timed, save = [], checkpoint.save
 
@@ -64,7 +64,7 @@ def main() -> None:
     for label in ("full (before)", "adapter-only (now)"):
         out = os.path.join(args.out, label.split()[0])
         if label.startswith("full"):
-            with mock.patch("notrainer.adapter_checkpoints.register", lambda acc, identity: None):
+            with mock.patch("notrainer.modeling.adapter_checkpoints.register", lambda acc, identity: None):
                 seconds = _run(out, config_dir, args.rank)
         else:
             seconds = _run(out, config_dir, args.rank)

@@ -94,7 +94,7 @@ class WithLoop:
                          export=False, progress=False)
 
     def run(self) -> None:
-        from notrainer.state import RunState
+        from notrainer.engine.state import RunState
 
         self.loop.state = RunState()
         self.loop.fit()
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    from notrainer.loop import make_accelerator
+    from notrainer.engine.loop import make_accelerator
 
     acc = make_accelerator(output_dir=tempfile.mkdtemp(prefix="overhead-"))
     bare, loop = Bare(acc, args), WithLoop(acc, args)

@@ -121,8 +121,8 @@ def run_notrainer(args, ds, clock: StepClock, fast: bool) -> float:
     from transformers import default_data_collator
 
     from notrainer import Loop
-    from notrainer.loop import make_accelerator
-    from notrainer.optim import build_optimizer, scheduler_factory
+    from notrainer.engine.loop import make_accelerator
+    from notrainer.modeling.optim import build_optimizer, scheduler_factory
     from notrainer.tasks.clm import CLMConfig, CLMTask
 
     out = tempfile.mkdtemp(prefix="bench-notrainer-")
@@ -287,7 +287,7 @@ def main(argv=None) -> int:
 
     from transformers.utils import logging as hf_logging
 
-    from notrainer import throughput
+    from notrainer.observability import throughput
 
     hf_logging.set_verbosity_error()
     if gpu:

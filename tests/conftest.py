@@ -70,8 +70,8 @@ def one_thread_per_module():
 
 
 def run_cli(*args: str, output_dir: Path | None = None) -> dict:
-    """Run `notrainer.run` in this process; returns all_results.json (or the eval results)."""
-    from notrainer.run import run
+    """Run `notrainer.cli.run` in this process; returns all_results.json (or the eval results)."""
+    from notrainer.cli.run import run
 
     argv = list(args)
     if output_dir is not None:
@@ -125,8 +125,8 @@ def base_folder(tmp_path_factory):
     from accelerate.utils import set_seed
     from transformers import AutoModelForCausalLM
 
-    from notrainer.builtin import tiny_config
-    from notrainer.run import parse_args
+    from notrainer.data.builtin import tiny_config
+    from notrainer.cli.run import parse_args
 
     cfg, task_cls = parse_args(["task=sft"])
     task = task_cls(cfg)

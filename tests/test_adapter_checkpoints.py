@@ -1,4 +1,4 @@
-"""Adapter-only checkpoints (notrainer/adapter_checkpoints.py): a LoRA run's checkpoints hold the
+"""Adapter-only checkpoints (notrainer/modeling/adapter_checkpoints.py): a LoRA run's checkpoints hold the
 trainable tensors only, name and fingerprint the frozen base, refuse to resume on another base,
 and a run killed with SIGKILL resumes to the same adapter, bit for bit."""
 

@@ -1,5 +1,5 @@
 """Trainer / HF-script habits on the command line: `--key value`, `--key=value`, bare `--flag`,
-and the Trainer's names as aliases of ours (notrainer/aliases.py, docs/coming-from-trainer.md).
+and the Trainer's names as aliases of ours (notrainer/config/aliases.py, docs/coming-from-trainer.md).
 Parsing only: nothing trains here."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 from notrainer.errors import UsageError
-from notrainer.run import parse_args
+from notrainer.cli.run import parse_args
 
 
 def parsed(*argv: str):

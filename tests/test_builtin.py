@@ -2,7 +2,7 @@
 
 import pytest
 
-from notrainer.builtin import train_tokenizer
+from notrainer.data.builtin import train_tokenizer
 from notrainer.tasks.clm import builtin_corpus
 
 

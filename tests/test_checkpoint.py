@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import read_results, run_cli
-from notrainer import checkpoint as ckpt
+from notrainer.engine import checkpoint as ckpt
 from notrainer.errors import UsageError
 
 TINY = ["task=clm", "per_device_train_batch_size=4", "logging_steps=2"]
@@ -200,7 +200,7 @@ def test_nonfinite_step_is_skipped(tmp_path, capsys):
 
 
 def test_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_last_checkpoint(tmp_path):
-    from notrainer.guards import TrainingDiverged
+    from notrainer.engine.guards import TrainingDiverged
 
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=r"stopped at step 5: 3 optimizer steps in a row .*max_nonfinite_steps=3"):
@@ -220,7 +220,7 @@ class NaNCLM(CLMTask):
 
 
 def test_cli_exit_status_on_nonfinite_losses(tmp_path, capsys):
-    from notrainer.run import main
+    from notrainer.cli.run import main
 
     task = tmp_path / "nan_task.py"
     task.write_text(NAN_TASK)
@@ -237,7 +237,7 @@ def test_cli_exit_status_on_nonfinite_losses(tmp_path, capsys):
 
 
 def test_resume_missing_folder_exits_2_with_one_line(tmp_path, capsys):
-    from notrainer.run import main
+    from notrainer.cli.run import main
 
     missing = tmp_path / "nope"
     code = main([*TINY, f"resume_from_checkpoint={missing}", f"output_dir={tmp_path / 'run'}", "report_to=none"])
@@ -289,14 +289,14 @@ def test_resume_auto_without_checkpoint_starts_fresh_and_says_so(tmp_path, capsy
     ("early_stopping_threshold=-1", "early_stopping_threshold must be >= 0"),
 ])
 def test_bad_checkpoint_keys(arg, message):
-    from notrainer.run import parse_args
+    from notrainer.cli.run import parse_args
 
     with pytest.raises(UsageError, match=message):
         parse_args(["task=clm", arg])
 
 
 def test_best_metric_needs_evaluation():
-    from notrainer.run import parse_args
+    from notrainer.cli.run import parse_args
 
     with pytest.raises(UsageError, match="need evaluation: set do_eval=true"):
         parse_args(["task=clm", "load_best_model_at_end=true", "do_eval=false"])

@@ -139,7 +139,7 @@ def test_parquet_string_labels_and_prediction_format(tmp_path):
                   output_dir=tmp_path / "out")
     assert res["eval_samples"] == 8
     import numpy as np
-    from notrainer.run import parse_args
+    from notrainer.cli.run import parse_args
 
     cfg, _ = parse_args(["task=classification", f"train_file={train}"])
     task = ClassificationTask(cfg)
@@ -237,7 +237,7 @@ def test_prediction_mode_writes_label_names_in_test_file_order(trained, tmp_path
 def test_fine_tuned_head_keeps_its_label_ids(tmp_path):
     from transformers import BertConfig
 
-    from notrainer.run import parse_args
+    from notrainer.cli.run import parse_args
     from notrainer.tasks.classification import check_head_size
 
     BertConfig(architectures=["BertForSequenceClassification"], id2label={0: "pos", 1: "neg"},
@@ -256,7 +256,7 @@ def test_unknown_metric_fails_before_training(small_csv, tmp_path):
 
 def test_column_keys_naming_the_same_column_are_refused_when_parsed():
     from notrainer.errors import UsageError
-    from notrainer.run import parse_args
+    from notrainer.cli.run import parse_args
 
     with pytest.raises(UsageError, match="must name different columns"):
         parse_args(["task=classification", "text_column=text", "label_column=text"])

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO, run_cli
 from notrainer import UsageError
-from notrainer.run import parse_args
+from notrainer.cli.run import parse_args
 
 
 def test_help_lists_every_key_with_default_and_doc():
@@ -83,7 +83,7 @@ def test_block_size_larger_than_the_model(tmp_path):
 
 
 def test_tokenizer_without_pad_token_where_padding_is_needed(tmp_path):
-    from notrainer.builtin import train_tokenizer
+    from notrainer.data.builtin import train_tokenizer
     from notrainer.tasks.clm import builtin_corpus
 
     tok = train_tokenizer(builtin_corpus(50), style="gpt")

@@ -71,14 +71,14 @@ def test_a_second_run_in_the_same_output_dir_is_refused(tmp_path):
 
 def test_block_size_is_checked_when_the_config_is_parsed():
     from notrainer.errors import UsageError
-    from notrainer.run import parse_args
+    from notrainer.cli.run import parse_args
 
     with pytest.raises(UsageError, match="block_size must be >= 2"):
         parse_args(["task=clm", "block_size=1"])
 
 
 def test_a_subclass_with_the_old_check_model_name_is_refused():
-    """check_model is now setup (the task lifecycle in notrainer/tasks/base.py): a subclass
+    """check_model is now setup (the task lifecycle in tasks/base.py): a subclass
     written for the old name would silently lose its checks, so defining it is an error."""
     from notrainer.tasks.clm import CLMTask
 

@@ -8,8 +8,8 @@ import lzma
 import pytest
 
 from notrainer import UsageError
-from notrainer.data import check_local_model_path, load_files, resolve_files
-from notrainer.run import main, parse_args
+from notrainer.data.files import check_local_model_path, load_files, resolve_files
+from notrainer.cli.run import main, parse_args
 
 DOCS = [f"the doc number {i} says hello" for i in range(30)]
 
@@ -164,7 +164,7 @@ def test_dataset_name_takes_a_split_selection(tmp_path):
     folder.mkdir()
     (folder / "train.jsonl").write_bytes(_jsonl(DOCS))
     (folder / "validation.jsonl").write_bytes(_jsonl(DOCS[:4]))
-    from notrainer.data import load_raw_datasets
+    from notrainer.data.files import load_raw_datasets
 
     cfg, _ = parse_args(["task=clm", f"dataset_name={folder}", "validation_split_percentage=0"])
     assert {k: len(v) for k, v in load_raw_datasets(cfg).items()} == {"train": 30, "validation": 4}

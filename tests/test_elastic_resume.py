@@ -154,7 +154,7 @@ def _cfg(per_device=4, accumulation=1):
 
 
 def test_plan_keeps_the_global_batch_or_refuses_in_one_line(tmp_path):
-    from notrainer.elastic import plan
+    from notrainer.engine.elastic import plan
     from notrainer.errors import UsageError
 
     ckpt = _checkpoint(tmp_path)
@@ -168,7 +168,7 @@ def test_plan_keeps_the_global_batch_or_refuses_in_one_line(tmp_path):
 
 
 def test_a_sharded_checkpoint_on_another_process_count_is_refused(tmp_path):
-    from notrainer.elastic import plan
+    from notrainer.engine.elastic import plan
     from notrainer.errors import UsageError
 
     ckpt = _checkpoint(tmp_path, files=["pytorch_model/zero_pp_rank_0_mp_rank_00_optim_states.pt"])
@@ -180,7 +180,7 @@ def test_a_sharded_checkpoint_on_another_process_count_is_refused(tmp_path):
 def test_position_is_converted_in_samples():
     from types import SimpleNamespace
 
-    from notrainer.elastic import convert_position, layout
+    from notrainer.engine.elastic import convert_position, layout
 
     state = SimpleNamespace(step_in_epoch=3, layout=layout(2, 4, 1))  # 24 samples consumed
     convert_position(state, layout(1, 4, 2))

@@ -18,7 +18,7 @@ def _ds_acc(config: dict):
 
 
 def test_max_grad_norm_fills_deepspeed_gradient_clipping():
-    from notrainer.loop import _fill_deepspeed_clipping
+    from notrainer.engine.loop import _fill_deepspeed_clipping
 
     for given in ({}, {"gradient_clipping": "auto"}):
         acc = _ds_acc(dict(given))
@@ -31,7 +31,7 @@ def test_max_grad_norm_fills_deepspeed_gradient_clipping():
 
 
 def test_an_explicit_mixed_precision_that_contradicts_the_launch_file_is_refused(monkeypatch):
-    from notrainer.run import settle_mixed_precision
+    from notrainer.cli.run import settle_mixed_precision
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     for key in ("fp16", "no"):

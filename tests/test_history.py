@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from notrainer import history
+from notrainer.observability import history
 
 
 def test_append_and_read_round_trip(tmp_path):
@@ -78,7 +78,7 @@ def test_reset_forgets_the_history(tmp_path):
 
 _WRITER = """
 import sys
-from notrainer import history
+from notrainer.observability import history
 out = sys.argv[1]
 for s in range(1, 1_000_000):
     history.append(out, history.train_record(s, s / 100, loss=1.0 / s, note="x" * 200))

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from notrainer import hub
+from notrainer.observability import hub
 from notrainer.errors import UsageError
 
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import CPU_ENV, REPO, _free_port
-from notrainer.launch import split_argv
+from notrainer.cli.launch import split_argv
 
 
 def test_split_between_accelerate_options_and_the_run():

@@ -71,7 +71,7 @@ def test_deepspeed_recipes_give_the_promised_zero_config(name, stage, offload, g
     assert zero["stage"] == stage
     assert zero["offload_param"]["device"] == offload and zero["offload_optimizer"]["device"] == offload
     assert bool(zero.get("stage3_gather_16bit_weights_on_model_save")) is gather16
-    # What notrainer.run.check_distributed reads: the recipe is not refused.
+    # What notrainer.cli.run.check_distributed reads: the recipe is not refused.
     assert plugin.zero_stage == stage and bool(plugin.zero3_save_16bit_model) is gather16
     assert plugin.gradient_accumulation_steps == "auto"  # filled in from notrainer's gradient_accumulation_steps
     if stage == 3:
@@ -139,7 +139,7 @@ def test_zero3_without_16bit_gather_is_refused_before_training(stage, gather16, 
     from types import SimpleNamespace
 
     from notrainer.errors import UsageError
-    from notrainer.run import check_distributed
+    from notrainer.cli.run import check_distributed
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     plugin = SimpleNamespace(zero_stage=stage, zero3_save_16bit_model=gather16)

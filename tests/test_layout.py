@@ -35,8 +35,8 @@ def test_engine_modules_import_without_any_task_module():
                 return None
 
         sys.meta_path.insert(0, Block())
-        import notrainer, notrainer.loop, notrainer.checkpoint, notrainer.config, notrainer.guards
-        import notrainer.state, notrainer.batch, notrainer.optim, notrainer.lora, notrainer.data
+        import notrainer, notrainer.engine.loop, notrainer.engine.checkpoint, notrainer.config, notrainer.engine.guards
+        import notrainer.engine.state, notrainer.engine.batch, notrainer.modeling.optim, notrainer.modeling.lora, notrainer.data.files
         assert not [m for m in sys.modules if m.startswith("notrainer.tasks")]
         print("ok")
     """)

@@ -1,4 +1,4 @@
-"""Model loading keys (notrainer/loading.py): torch_dtype and attn_implementation reach the model
+"""Model loading keys (notrainer/modeling/loading.py): torch_dtype and attn_implementation reach the model
 on both paths (from_pretrained and from_config), requests the install cannot serve are one line,
 and QLoRA (quantization=nf4 + lora.r) trains on CPU with bitsandbytes."""
 
@@ -18,7 +18,7 @@ FAST = ("max_train_samples=64", "max_eval_samples=16", "logging_steps=1000")
 
 def _model(*args: str):
     """The model the CLI would train with these keys (built, not trained)."""
-    from notrainer.run import parse_args
+    from notrainer.cli.run import parse_args
 
     cfg, task_cls = parse_args(["task=sft", *args])
     task = task_cls(cfg)
@@ -79,8 +79,8 @@ def test_flash_attention_without_flash_attn_is_refused_in_one_line(tmp_path):
 @pytest.mark.parametrize("quant, layer", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
 def test_quantization_loads_bitsandbytes_layers_under_the_adapters(base_folder, quant, layer):
     pytest.importorskip("bitsandbytes")
-    from notrainer.lora import apply_lora
-    from notrainer.run import parse_args
+    from notrainer.modeling.lora import apply_lora
+    from notrainer.cli.run import parse_args
 
     cfg, task_cls = parse_args(["task=sft", f"model_name_or_path={base_folder}", f"quantization={quant}", "lora.r=4"])
     task = task_cls(cfg)

@@ -58,7 +58,7 @@ def test_loop_trains_on_a_transformers_collator_with_no_custom_functions(tmp_pat
     # DataCollatorWithPadding returns a BatchEncoding: a Mapping, not a dict.
     from transformers import BertConfig, BertForSequenceClassification, DataCollatorWithPadding
 
-    from notrainer.builtin import train_tokenizer
+    from notrainer.data.builtin import train_tokenizer
 
     texts = [("good fine great nice " * 3).strip(), ("bad awful poor sad " * 2).strip()] * 32
     labels = [0, 1] * 32

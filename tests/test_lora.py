@@ -76,7 +76,7 @@ def test_an_adapter_folder_as_model_continues_training_that_adapter(lora_run, tm
 def test_an_adapter_folder_is_told_apart_from_a_model_folder(lora_run, base_folder, tmp_path):
     """Adapter folders load through peft's own API (transformers' adapter loading demands a newer
     peft than the registry has); a model folder or Hub name goes to from_pretrained unchanged."""
-    from notrainer.lora import adapter_base
+    from notrainer.modeling.lora import adapter_base
 
     out, _ = lora_run
     assert adapter_base(out) == str(base_folder)
@@ -122,9 +122,9 @@ def test_gradient_checkpointing_with_lora_gives_the_same_adapter(tmp_path):
 def _wrap(model_type: str, auto: str, **overrides):
     import transformers
 
-    from notrainer.builtin import tiny_config, train_tokenizer
+    from notrainer.data.builtin import tiny_config, train_tokenizer
     from notrainer.config import TrainConfig
-    from notrainer.lora import apply_lora
+    from notrainer.modeling.lora import apply_lora
 
     tok = train_tokenizer(["a small test corpus for the tokenizer"] * 4, vocab_size=120)
     torch.manual_seed(0)
@@ -140,7 +140,7 @@ def _wrap(model_type: str, auto: str, **overrides):
     ("bert", "AutoModelForTokenClassification", "classifier"),
 ])
 def test_trainable_parameters_and_merge_per_architecture(model_type, auto, head):
-    from notrainer.lora import merged_state_dict
+    from notrainer.modeling.lora import merged_state_dict
 
     model = _wrap(model_type, auto, num_labels=3) if head else _wrap(model_type, auto)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -202,8 +202,8 @@ def test_a_classification_adapter_folder_reads_its_head_from_its_base(tmp_path):
 def test_a_classification_adapter_on_a_headless_base_asks_for_the_training_data(tmp_path):
     from transformers import AutoModel
 
-    from notrainer.builtin import tiny_config
-    from notrainer.run import parse_args
+    from notrainer.data.builtin import tiny_config
+    from notrainer.cli.run import parse_args
 
     cfg, task_cls = parse_args(["task=classification"])
     task = task_cls(cfg)

@@ -1,4 +1,4 @@
-"""The chunked lm_head + cross-entropy (notrainer.losses) against the reference loss."""
+"""The chunked lm_head + cross-entropy (notrainer.modeling.losses) against the reference loss."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from notrainer import losses
+from notrainer.modeling import losses
 from notrainer.errors import UsageError
 from tests.conftest import REPO, run_cli
 
@@ -215,7 +215,7 @@ def _save_tiny_gemma2(folder):
     """A tiny gemma2 (soft-capped logits) with the built-in tokenizer, as a config_name folder."""
     from transformers import AutoConfig
 
-    from notrainer.builtin import train_tokenizer
+    from notrainer.data.builtin import train_tokenizer
     from notrainer.tasks.clm import builtin_corpus
 
     tok = train_tokenizer(builtin_corpus(40), style="gpt")

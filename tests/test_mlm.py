@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import run_cli
 
-from notrainer import builtin
-from notrainer.run import parse_args
+from notrainer.data import builtin
+from notrainer.cli.run import parse_args
 from notrainer.errors import UsageError
 
 

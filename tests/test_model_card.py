@@ -6,8 +6,8 @@ import json
 
 from huggingface_hub import ModelCard
 
-from notrainer import history
-from notrainer.model_card import write_model_card
+from notrainer.observability import history
+from notrainer.observability.model_card import write_model_card
 
 
 def _run(tmp_path, **cfg):

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from conftest import CPU_ENV, REPO, cli_subprocess, one_thread, read_results, run_cli
-from notrainer import history
+from notrainer.observability import history
 
 # -------------------------------------------------------------------- log history
 
@@ -104,7 +104,7 @@ def test_kill9_and_resume_leave_each_step_once_and_the_report_works_mid_run(tmp_
 
     # The on-demand report on the run in progress (a checkpointed folder, no results yet).
     if importlib.util.find_spec("matplotlib") is not None:
-        rep = subprocess.run([sys.executable, "-m", "notrainer.report", str(out)], capture_output=True, text=True,
+        rep = subprocess.run([sys.executable, "-m", "notrainer.observability.report", str(out)], capture_output=True, text=True,
                              timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert rep.returncode == 0, rep.stderr[-2000:]
         _check_report(out, ["train_loss.png", "learning_rate.png", "grad_norm.png", "tokens_per_second.png"])
@@ -178,7 +178,7 @@ def test_samples_and_tokens_per_second_equal_a_hand_count(task, tmp_path, monkey
     attention-mask tokens: the documented tokens/s), then divided by train_runtime, which
     leaves out the evaluations run inside training (timed as train_eval_runtime)."""
     from notrainer.imports import import_object
-    from notrainer.run import BUILTIN_TASKS
+    from notrainer.cli.run import BUILTIN_TASKS
 
     cls = import_object(BUILTIN_TASKS[task], "task")
     seen = {"rows": 0, "tokens": 0}
@@ -223,7 +223,7 @@ def test_push_to_hub_uploads_the_run_and_its_checkpoints_by_strategy(strategy, t
     import huggingface_hub
     from huggingface_hub.utils import filter_repo_objects
 
-    from notrainer import hub
+    from notrainer.observability import hub
 
     uploads = []
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from notrainer.errors import UsageError
-from notrainer.optim import OPTIMIZERS, BITSANDBYTES, build_optimizer, parse_optim_args
+from notrainer.modeling.optim import OPTIMIZERS, BITSANDBYTES, build_optimizer, parse_optim_args
 
 TORCH_ONLY = [name for name in OPTIMIZERS if name not in BITSANDBYTES]
 
@@ -76,7 +76,7 @@ def test_optim_args_syntax():
 
 
 def test_unknown_optim_and_bad_args_are_refused_before_training():
-    from notrainer.run import parse_args
+    from notrainer.cli.run import parse_args
 
     with pytest.raises(UsageError, match=r"optim 'adamw_troch' is unknown \(did you mean adamw_torch\?\)"):
         parse_args(["task=clm", "optim=adamw_troch"])

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import run_cli
 from notrainer import Loop
-from notrainer.run import parse_args
+from notrainer.cli.run import parse_args
 from notrainer.errors import UsageError
 
 
@@ -40,7 +40,7 @@ def test_clm_predicts_the_loss_of_each_line(tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    from notrainer.builtin import tiny_config, train_tokenizer
+    from notrainer.data.builtin import tiny_config, train_tokenizer
 
     lines = ["the cat sees the dog .", "a bird and a fox are quiet today .", "we count one two three ."]
     tok = train_tokenizer(lines * 5, style="gpt")

@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from notrainer import history, report
+from notrainer.observability import history
+from notrainer.observability import report
 from notrainer.errors import UsageError
 
 pytest.importorskip("matplotlib")
@@ -65,7 +66,7 @@ def test_on_demand_command_on_a_run_in_progress(tmp_path):
     with open(tmp_path / history.HISTORY_FILE, "ab") as f:
         f.write(b'{"kind":"train","st')  # the writer is mid-line right now
     env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
-    proc = subprocess.run([sys.executable, "-m", "notrainer.report", str(tmp_path)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "notrainer.observability.report", str(tmp_path)], capture_output=True,
                           text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     page = (tmp_path / "report.html").read_text()

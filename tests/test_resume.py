@@ -119,7 +119,7 @@ def test_sigterm_checkpoints_and_exits_75_then_resume_finishes(slow_task, refere
     assert "Traceback" not in stderr
     stopped_at = _steps(out)[-1]
     assert EVERY < stopped_at < STEPS
-    from notrainer.checkpoint import verify
+    from notrainer.engine.checkpoint import verify
 
     assert verify(str(out / "checkpoints" / f"step_{stopped_at}")) is None
     state = json.loads((out / "checkpoints" / f"step_{stopped_at}" / "loop_state.json").read_text())
@@ -147,7 +147,7 @@ def test_second_signal_stops_at_once_and_keeps_the_checkpoints(slow_task, tmp_pa
     assert time.monotonic() - sent < 10
     assert proc.returncode == -signal.SIGINT, stderr[-2000:]
     assert "second SIGINT: stopping now" in stderr
-    from notrainer.checkpoint import list_checkpoints, verify
+    from notrainer.engine.checkpoint import list_checkpoints, verify
 
     assert [Path(p).name for p in list_checkpoints(str(out))] == [f"step_{EVERY}"]
     assert verify(str(out / "checkpoints" / f"step_{EVERY}")) is None

@@ -126,7 +126,7 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
     # a decoder-only model folder
     from transformers import AutoModelForCausalLM
 
-    from notrainer.builtin import tiny_config, train_tokenizer
+    from notrainer.data.builtin import tiny_config, train_tokenizer
 
     tok = train_tokenizer(["a b c"], style="gpt")
     gpt = tmp_path / "gpt2"
@@ -135,7 +135,7 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
     with pytest.raises(UsageError, match="needs an encoder-decoder model.*gpt2"):
         run_cli("task=seq2seq", f"train_file={train}", f"model_name_or_path={gpt}", output_dir=tmp_path / "d")
     # through the CLI entry point: exit status 2 and one line on stderr, no traceback
-    from notrainer.run import main
+    from notrainer.cli.run import main
 
     status = main(["task=seq2seq", f"train_file={train}", f"model_name_or_path={gpt}", f"output_dir={tmp_path / 'e'}",
                    "report_to=none"])
@@ -153,7 +153,7 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
 ])
 def test_config_values_are_checked_when_the_config_is_parsed(args, message):
     """Value checks live in Seq2SeqConfig.validate: they fail while parsing, before any data or model."""
-    from notrainer.run import parse_args
+    from notrainer.cli.run import parse_args
 
     with pytest.raises(UsageError, match=message):
         parse_args(["task=seq2seq", *args])
@@ -161,7 +161,7 @@ def test_config_values_are_checked_when_the_config_is_parsed(args, message):
 
 def test_preprocessing_workers_give_the_same_tokens():
     """Tokenizing goes through datasets.map: preprocessing_num_workers applies to seq2seq too."""
-    from notrainer.run import parse_args
+    from notrainer.cli.run import parse_args
 
     out = []
     for workers in ("null", "2"):

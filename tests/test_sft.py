@@ -17,7 +17,7 @@ FAST = ("max_train_samples=64", "max_eval_samples=32", "logging_steps=1000")
 
 
 def _task(*args: str) -> SFTTask:
-    from notrainer.run import parse_args
+    from notrainer.cli.run import parse_args
 
     cfg, task_cls = parse_args(["task=sft", *args])
     return task_cls(cfg)
@@ -220,7 +220,7 @@ def test_cli_exit_status(tmp_path):
 
 def test_sft_is_its_own_task_with_only_its_own_keys():
     """SFT is composed from shared helpers, not a CLMTask: CLM's keys are unknown to it."""
-    from notrainer.run import parse_args
+    from notrainer.cli.run import parse_args
     from notrainer.tasks.clm import CLMTask
 
     assert not issubclass(SFTTask, CLMTask)
@@ -232,12 +232,12 @@ def test_sft_is_its_own_task_with_only_its_own_keys():
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_chunked_loss_equals_the_plain_loss_and_gradients(tokenizer, packing):
-    """chunked_loss=true (notrainer.losses, as for clm) gives the model's own loss and the same
+    """chunked_loss=true (notrainer.modeling.losses, as for clm) gives the model's own loss and the same
     gradient on every parameter, over response tokens only, with and without packing; and
     eval_step gives the same per-example losses. Tolerances as in tests/test_losses.py."""
     from accelerate.utils import set_seed
 
-    from notrainer import losses
+    from notrainer.modeling import losses
 
     args = ("max_train_samples=48", f"packing={str(packing).lower()}")
     plain, chunked = _task(*args, "chunked_loss=false"), _task(*args, "chunked_loss=true")
@@ -305,7 +305,7 @@ def _tiny_base(tmp_path, tokenizer):
     from accelerate.utils import set_seed
     from transformers import AutoModelForCausalLM
 
-    from notrainer.builtin import tiny_config
+    from notrainer.data.builtin import tiny_config
 
     set_seed(1)
     base = tmp_path / "base"
@@ -319,8 +319,8 @@ def test_chunked_loss_under_qlora_equals_the_plain_loss_and_adapter_gradients(tm
     top, chunked_loss=true. The head stays an nn.Linear (bitsandbytes leaves it unquantized), peft's
     k-bit preparation keeps the switch installed by setup, and the adapters get the plain gradients."""
     pytest.importorskip("bitsandbytes")
-    from notrainer import losses
-    from notrainer.lora import apply_lora
+    from notrainer.modeling import losses
+    from notrainer.modeling.lora import apply_lora
 
     base = _tiny_base(tmp_path, tokenizer)
     task = _task(f"model_name_or_path={base}", "quantization=nf4", "lora.r=4", "lora.dropout=0", "chunked_loss=true",

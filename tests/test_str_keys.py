@@ -9,9 +9,9 @@ import importlib
 import pytest
 from omegaconf import OmegaConf
 
-from notrainer.config import _dotlist, make_config, read_argv
+from notrainer.config.parse import _dotlist, make_config, read_argv
 from notrainer.errors import UsageError
-from notrainer.run import BUILTIN_TASKS
+from notrainer.cli.run import BUILTIN_TASKS
 
 TEXT_TYPES = (str, "str", "Optional[str]", "str | None")
 WORDS = ["no", "off", "yes", "on", "1", "0", "true", "1.5"]

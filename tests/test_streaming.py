@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import default_data_collator
 
-from notrainer.streaming import build_example_stream, build_stream, stream_loader, take
+from notrainer.data.streaming import build_example_stream, build_stream, stream_loader, take
 
 
 def _docs(n, seed=0, nulls=False):
@@ -41,7 +41,7 @@ def tokenizer():
 
 
 def test_stream_blocks_equal_map_style_blocks(tmp_path, tokenizer):
-    from notrainer.run import parse_args
+    from notrainer.cli.run import parse_args
     from notrainer.tasks.clm import CLMTask
 
     docs = _docs(2500, nulls=True)
@@ -191,7 +191,7 @@ def test_streaming_trains_like_the_map_style_path(tmp_path, task, steps):
 
 
 def _cli_error(argv, capsys):
-    from notrainer.run import main
+    from notrainer.cli.run import main
 
     status = main([*argv, "report_to=none", "progress=false"])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("notrainer: error:")]
@@ -213,7 +213,7 @@ def test_streaming_settings_that_cannot_work_are_one_line(tmp_path, capsys, args
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_shard_that_breaks_mid_stream_stops_the_run_at_a_step_boundary(tmp_path, capsys, workers):
-    from notrainer.checkpoint import list_checkpoints, verify
+    from notrainer.engine.checkpoint import list_checkpoints, verify
 
     # Four good shards of 900 short documents (a read group each: ~8 steps), then a cut-off one
     # (with 2 workers, worker 0 reads part-000, -002, then the broken -004).
@@ -233,7 +233,7 @@ def test_a_shard_that_breaks_mid_stream_stops_the_run_at_a_step_boundary(tmp_pat
 
 def test_a_streaming_checkpoint_resumes_only_with_its_number_of_processes(tmp_path):
     from notrainer import UsageError
-    from notrainer.checkpoint import load_loader_state, save_loader_state
+    from notrainer.engine.checkpoint import load_loader_state, save_loader_state
 
     for rank in range(2):
         save_loader_state(str(tmp_path), rank, {"rank": rank, "rng": (3, (1, 2), None)})

@@ -65,7 +65,7 @@ def test_streaming_kill9_then_auto_resume_is_bitwise_equal(slow_task, corpus, tm
 def test_a_shard_that_breaks_on_one_rank_is_named_and_the_checkpoints_stay_whole(tmp_path):
     """Only the rank that reads the broken shard knows of it: it prints the one line; the other
     rank loses its peer (accelerate's launcher then exits non-zero)."""
-    from notrainer.checkpoint import list_checkpoints, verify
+    from notrainer.engine.checkpoint import list_checkpoints, verify
 
     from conftest import cli_subprocess
     from test_streaming import _docs, _jsonl_shards

@@ -1,4 +1,4 @@
-"""Throughput accounting (notrainer.throughput) and the loop's samples/s, MFU and memory reports."""
+"""Throughput accounting (notrainer.observability.throughput) and the loop's samples/s, MFU and memory reports."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from notrainer.batch import batch_shape
+from notrainer.engine.batch import batch_shape
 
-from notrainer import throughput
+from notrainer.observability import throughput
 from notrainer.errors import UsageError
 from tests.conftest import run_cli
 

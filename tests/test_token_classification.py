@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import cli_subprocess, read_results, run_cli
 
-from notrainer import builtin
-from notrainer.run import parse_args
+from notrainer.data import builtin
+from notrainer.cli.run import parse_args
 from notrainer.errors import UsageError
 from notrainer.tasks.token_classification import builtin_ner_sentences
 
@@ -174,7 +174,7 @@ def test_fine_tunes_a_real_pretrained_encoder(tmp_path):
 
 def test_column_keys_naming_the_same_column_are_refused_when_parsed():
     from notrainer.errors import UsageError
-    from notrainer.run import parse_args
+    from notrainer.cli.run import parse_args
 
     with pytest.raises(UsageError, match="must name different columns"):
         parse_args(["task=token_classification", "words_column=tokens", "tags_column=tokens"])

@@ -6,7 +6,8 @@ import importlib.util
 
 import pytest
 
-from notrainer import history, trackers
+from notrainer.observability import history
+from notrainer.observability import trackers
 from notrainer.errors import UsageError
 
 

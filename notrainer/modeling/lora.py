@@ -1,0 +1,176 @@
+"""LoRA adapters (peft) for any task's model, and their export.
+
+    accelerate launch -m notrainer.run task=sft model_name_or_path=... lora.r=8 [lora.merge=true]
+
+`apply_lora` wraps the model built by the task in a `peft.PeftModel` when `lora.r > 0`: the
+base weights are frozen, only the adapters train, plus the task's fresh head where peft's task
+type says so (e.g. the classifier of a sequence-classification model, via `modules_to_save`).
+The optimizer only sees parameters that require grad, so nothing else changes in the loop.
+
+The export writes a peft adapter folder (adapter_config.json + adapter_model.safetensors) at the
+top of output_dir; with `lora.merge=true` also `merged/`, full weights with the adapters folded
+in, loadable with plain `from_pretrained`. Both are computed from the full state dict the loop
+gathers (`accelerator.get_state_dict`), so they work the same under DDP, ZeRO-3 and FSDP.
+
+An adapter folder given as `model_name_or_path` is loaded through peft's own API (`from_pretrained`
+below), not through transformers' adapter integration: that integration demands a peft newer than
+the registry may offer (transformers 5.24 asks for peft >= 0.22 while 0.21.2 is the newest), and a
+user's adapter folder must keep working with the versions that resolve.
+"""
+
+from __future__ import annotations
+
+import os
+
+from notrainer.errors import UsageError, check, first_line
+from notrainer.modeling.loading import adapter_base, is_quantized  # noqa: F401 - adapter_base is part of this module API
+
+#: task's Auto class -> peft task type (decides which head stays trainable and saved)
+PEFT_TASK_TYPES = {
+    "AutoModelForCausalLM": "CAUSAL_LM",
+    "AutoModelForSeq2SeqLM": "SEQ_2_SEQ_LM",
+    "AutoModelForSequenceClassification": "SEQ_CLS",
+    "AutoModelForTokenClassification": "TOKEN_CLS",
+    "AutoModelForQuestionAnswering": "QUESTION_ANS",
+}
+BASE_DIR = "base_model"
+MERGED_DIR = "merged"
+
+
+def default_target_modules(model) -> list[str] | str:
+    """peft's per-architecture default (q/v projections for llama, c_attn for gpt2, query/value
+    for bert ...), else every linear layer except the output head."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+    return defaults.get(getattr(model.config, "model_type", None), "all-linear")
+
+
+def from_pretrained(cls, path, **kwargs):
+    """`cls.from_pretrained(path, **kwargs)`; for an adapter folder, its base model loaded that way
+    and the adapter put on it, trainable (a `peft.PeftModel`), to continue training it."""
+    base = adapter_base(path)
+    if base is None:
+        return cls.from_pretrained(path, **kwargs)
+    peft = _import_peft(f"model_name_or_path={path} is a LoRA adapter folder")
+    return peft.PeftModel.from_pretrained(_for_kbit_training(cls.from_pretrained(base, **kwargs)), path, is_trainable=True)
+
+
+def _for_kbit_training(model):
+    """A base loaded quantized (QLoRA, notrainer/modeling/loading.py) gets peft's k-bit preparation: its
+    remaining 16-bit weights (norms, embeddings, head) in fp32 and frozen. Gradient checkpointing
+    is left to run.build, as for any model."""
+
+    if not is_quantized(model):
+        return model
+    for module in model.modules():
+        # bitsandbytes' CPU fast path (AVX512-BF16) repacks a 4-bit weight at its first no-grad
+        # forward in eval mode and keeps it so: the training steps after an evaluation then run a
+        # kernel without a backward, and the adapters below it get no gradient, silently.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    peft = _import_peft("quantization")
+    return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def _import_peft(why: str):
+    try:
+        import peft
+    except ImportError:
+        raise UsageError(f"{why}: that needs peft: pip install 'notrainer[peft]'") from None
+    return peft
+
+
+def apply_lora(model, cfg, task=None):
+    """`model` wrapped with LoRA adapters when `cfg.lora.r > 0`; else `model` unchanged."""
+    lc = cfg.lora
+    if is_peft_model(model):
+        # model_name_or_path was an adapter folder (see from_pretrained): its adapters already train.
+        check(not lc.r, "model_name_or_path is a LoRA adapter folder: continue training that adapter without "
+                        "lora.r, or start a new one from its merged/ folder")
+        return _with_input_grads(model, cfg)
+    if not lc.r:
+        return model
+    peft = _import_peft("lora.r > 0")
+    check(lc.alpha > 0, "lora.alpha must be > 0")
+    check(0.0 <= lc.dropout < 1.0, "lora.dropout must be in [0, 1)")
+    check(hasattr(model, "config"), "lora.r > 0 needs a transformers model (one with a .config)")
+    targets = list(lc.target_modules) if lc.target_modules else default_target_modules(model)
+    task_type = PEFT_TASK_TYPES.get(getattr(task, "auto_model", None))
+    config = peft.LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets,
+                             task_type=task_type)
+    try:
+        model = peft.get_peft_model(_for_kbit_training(model), config)
+    except ValueError as e:  # e.g. a target module name that matches nothing
+        raise UsageError(f"lora.target_modules={targets}: {first_line(e)}") from None
+    if lc.merge:
+        for name, module in model.named_modules():
+            if isinstance(module, peft.tuners.lora.LoraLayer):
+                kind = type(module.get_base_layer()).__name__
+                check(kind in ("Linear", "Conv1D"),
+                      f"lora.merge=true: cannot merge into {name} ({kind}); adapt only linear layers")
+    return _with_input_grads(model, cfg)
+
+
+def _with_input_grads(model, cfg):
+    if cfg.gradient_checkpointing:
+        # With frozen embeddings no input of the first checkpointed block requires grad;
+        # this hook makes the embeddings' output require it so the adapters get gradients.
+        model.enable_input_require_grads()
+    return model
+
+
+def is_peft_model(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def export(model, state_dict: dict, out_dir: str, merge: bool = False, tokenizer=None, final_dir: str | None = None) -> None:
+    """Main process only. `state_dict` is the full (gathered) state dict of the PeftModel;
+    `out_dir` may be a temporary folder that becomes `final_dir` afterwards."""
+    base_sd = merged_state_dict(model, state_dict, with_adapters=False)
+    peft_config = model.peft_config["default"]
+    kwargs = {}
+    if not peft_config.base_model_name_or_path:
+        # Trained from a random init: the adapter is useless without these exact base weights.
+        model.get_base_model().save_pretrained(os.path.join(out_dir, BASE_DIR), state_dict=base_sd)
+        peft_config.base_model_name_or_path = os.path.abspath(os.path.join(final_dir or out_dir, BASE_DIR))
+        kwargs["save_embedding_layers"] = False  # the exported base already has the resized embeddings
+    # peft keeps only the adapter (and modules_to_save) tensors of the state dict; with a
+    # pretrained base whose vocabulary was resized, it also keeps the embeddings ("auto").
+    model.save_pretrained(out_dir, state_dict=state_dict, **kwargs)
+    if merge:
+        merged_dir = os.path.join(out_dir, MERGED_DIR)
+        model.get_base_model().save_pretrained(merged_dir, state_dict=merged_state_dict(model, state_dict))
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(merged_dir)
+
+
+def merged_state_dict(model, state_dict: dict, with_adapters: bool = True) -> dict:
+    """The base model's own state dict (its original key names), with W + scaling * B @ A
+    folded into every adapted layer when `with_adapters`."""
+    from peft.tuners.lora import LoraLayer
+
+    prefix = "base_model.model."
+    # A head in modules_to_save exists twice: the trained copy and the original.
+    keep, drop = ((".modules_to_save.default.", ".original_module.") if with_adapters
+                  else (".original_module.", ".modules_to_save.default."))
+
+    def plain(key: str) -> str:
+        return key.removeprefix(prefix).replace(".base_layer.", ".").replace(keep, ".")
+
+    out = {plain(k): v for k, v in state_dict.items() if ".lora_" not in k and drop not in k}
+    if not with_adapters:
+        return out
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or "default" not in module.lora_A:
+            continue
+        a = state_dict[f"{name}.lora_A.default.weight"].float()
+        b = state_dict[f"{name}.lora_B.default.weight"].float()
+        delta = (b @ a) * module.scaling["default"]
+        if getattr(module, "fan_in_fan_out", False):  # gpt2's Conv1D stores W transposed
+            delta = delta.T
+        key = plain(f"{name}.weight")
+        out[key] = (out[key].float() + delta.to(out[key].device)).to(out[key].dtype)
+    return out
+
+
+__all__ = ["apply_lora", "from_pretrained", "adapter_base", "export", "merged_state_dict", "default_target_modules", "is_peft_model"]
