@@ -43,3 +43,74 @@ def test_engine_modules_import_without_any_task_module():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={**os.environ, **CPU_ENV})
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+# Imports go down this order only; modules of one rank never import each other's folders
+# (data, modeling, observability and metrics are independent of one another).
+LAYERS = {"base": 0, "data": 1, "modeling": 1, "observability": 1, "metrics": 1, "engine": 2, "config": 3,
+          "tasks": 4, "cli": 5, "entry": 6}
+
+
+def _module_layer(name: str) -> str:
+    parts = name.split(".")
+    if name == "notrainer" or name == "notrainer.run":
+        return "entry"
+    if parts[1] in ("errors", "imports", "compat"):
+        return "base"
+    return parts[1]
+
+
+def _imports_by_module() -> dict[str, set[str]]:
+    import ast
+
+    files = {}
+    for folder, package in (("notrainer", "notrainer"), ("tasks", "notrainer.tasks")):
+        for path in (REPO / folder).rglob("*.py"):
+            rel = path.relative_to(REPO / folder).with_suffix("").parts
+            rel = rel[:-1] if rel[-1] == "__init__" else rel
+            files[".".join((package, *rel))] = path
+    edges = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = (base + ("." + node.module if node.module else "")) if node.level else node.module or ""
+                candidates = [target] + [f"{target}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                candidates = [a.name for a in node.names]
+            else:
+                continue
+            found |= {c for c in candidates if c in files and c != name}
+        edges[name] = found
+    return edges
+
+
+def test_imports_only_go_down_the_layers_and_form_no_cycle():
+    edges = _imports_by_module()
+    wrong = []
+    for module, targets in edges.items():
+        for target in targets:
+            if target.startswith(module + ".") or module == "notrainer":
+                continue  # a package's __init__ may re-export its own modules
+            a, b = _module_layer(module), _module_layer(target)
+            if a != b and LAYERS[b] >= LAYERS[a]:
+                wrong.append(f"{module} -> {target}")
+    assert not wrong, "imports against the layer order (docs/architecture.md): " + ", ".join(sorted(wrong))
+
+    state: dict[str, int] = {}
+
+    def visit(module, path):
+        state[module] = 1
+        for target in edges[module]:
+            if target.startswith(module + ".") or module.startswith(target + ".") or target == "notrainer":
+                continue
+            assert state.get(target) != 1, "import cycle: " + " -> ".join(path[path.index(target):] + [target])
+            if target not in state:
+                visit(target, path + [target])
+        state[module] = 2
+
+    for module in edges:
+        if module not in state:
+            visit(module, [module])
