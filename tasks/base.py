@@ -11,7 +11,12 @@ methods below:
    `Config.validate()`; `__init__` checks nothing and loads nothing.
 2. `load_raw_datasets()` -> raw `DatasetDict` (train/validation/test). Tasks whose model
    shape follows from the data (classification, NER) settle their columns and labels here.
-3. `build_tokenizer(raw)` -> tokenizer.
+3. `build_processor(raw)` -> the task's preprocessing object, built in this one step: a
+   tokenizer (text tasks: the default calls `build_tokenizer(raw)`, which trains the built-in
+   tokenizer when none is given), an image processor (vision tasks, which need no tokenizer:
+   `has_text = False` and the base class never trains one for them), or an object holding both.
+   Steps 4-7 receive this object; the signatures below name it `tokenizer` for text tasks and
+   `processor` for the others. The export writes it beside the model (`save_pretrained`).
 4. `build_model(tokenizer)` -> model.
 5. `setup(model, tokenizer)`: the checks that need the model and tokenizer (lengths against
    the model's positions, pad/mask tokens), and the ONLY place a task stores what it derives
@@ -53,6 +58,7 @@ from typing import Any
 
 import torch
 
+from notrainer import compat
 from notrainer.data import builtin
 from notrainer.data import files as data
 from notrainer.modeling import loading
@@ -73,8 +79,12 @@ class Task:
     tiny_model_type: str = "bert"
     #: style of the built-in tokenizer: "bert" (adds [CLS]/[SEP]) or "gpt" (adds nothing)
     tokenizer_style: str = "bert"
+    #: whether the task reads text; a task without (vision) builds no tokenizer, built-in or not
+    has_text: bool = True
     #: config values used when running on the built-in tiny model, unless the user sets them
     embedded_defaults: dict[str, Any] = {}
+    #: embedded_defaults keys that keep their own (the HF scripts') default with the user's data
+    data_length_keys: tuple[str, ...] = ()
     #: whether streaming=true works: the task implements `train_stream`
     supports_streaming: bool = False
 
@@ -95,13 +105,24 @@ class Task:
         raise UsageError(f"task={self.name} has no built-in data: give train_file=...")
 
     def load_raw_datasets(self):
-        return data.load_raw_datasets(self.cfg, builtin=self.builtin_datasets)
+        return data.load_raw_datasets(self.cfg, builtin=self.builtin_datasets, check_rows=self.check_raw_rows)
+
+    def check_raw_rows(self, ds, where: str) -> None:
+        """A task's own checks of a raw split's values, in file order (`where` names the file):
+        raise UsageError naming the row. Text and label columns are already checked
+        (`notrainer.data.files.check_column_values`); sft checks chat roles here."""
 
     # ------------------------------------------------------------------ 3-5. tokenizer, model, setup
 
     def tokenizer_texts(self, raw):
         """Texts the built-in tokenizer is trained on (when no tokenizer is given)."""
         raise UsageError(f"task={self.name} needs tokenizer_name=... or model_name_or_path=...")
+
+    def build_processor(self, raw):
+        """Lifecycle step 3: the preprocessing object steps 4-7 receive. Text tasks: their
+        tokenizer. A task without text (`has_text = False`) overrides this (e.g. with an
+        `AutoImageProcessor`); the base class then builds nothing."""
+        return self.build_tokenizer(raw) if self.has_text else None
 
     def build_tokenizer(self, raw):
         cfg = self.cfg
@@ -117,13 +138,18 @@ class Task:
             raise UsageError(f"tokenizer {name!r} could not be loaded: {first_line(e)}") from None
 
     def tokenizer_kwargs(self) -> dict:
-        return {}
+        return {"use_fast": False} if getattr(self.cfg, "use_slow_tokenizer", False) else {}
 
     def check_local_paths(self) -> None:
         """A misspelled local folder reads "no such folder" instead of the hub's complaint about
         repo ids (data.check_local_model_path); runs before anything is loaded."""
         for key_name in ("model_name_or_path", "tokenizer_name", "config_name"):
-            data.check_local_model_path(getattr(self.cfg, key_name, None), key_name)
+            value = getattr(self.cfg, key_name, None)
+            data.check_local_model_path(value, key_name)
+            loading.check_model_folder(value, key_name)  # a damaged config.json or cut-off weights
+            base = lora.adapter_base(value) if value else None
+            if base:  # an adapter folder: its base model's folder too
+                loading.check_model_folder(base, key_name)
 
     def pretrained_config(self, needed_for: str):
         """The config of the given model (model_name_or_path, else config_name), e.g. for the
@@ -177,7 +203,7 @@ class Task:
                 config = self.tiny_config(tokenizer)
             if hasattr(cls, "from_config"):  # dtype and attention kernel as requested (notrainer/modeling/loading.py)
                 return cls.from_config(config, trust_remote_code=cfg.trust_remote_code, **loading.config_kwargs(cfg)) \
-                    if cls.__name__.startswith("Auto") else cls._from_config(config, **loading.config_kwargs(cfg))
+                    if cls.__name__.startswith("Auto") else compat.model_from_config(cls, config, **loading.config_kwargs(cfg))
             model = cls(config)
             dtype = loading.config_kwargs(cfg).get("dtype")
             return model.to(dtype) if dtype is not None else model
@@ -192,6 +218,9 @@ class Task:
         """Lifecycle step 5: checks that need both model and tokenizer (raise UsageError), and
         the one place a task stores what it derives from them (see the module docstring).
         Subclasses call super().setup(model, tokenizer) first."""
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor holding a tokenizer, or None
+        if not hasattr(tokenizer, "__len__"):  # no tokenizer (vision): no embeddings to grow
+            return
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         if emb is not None and hasattr(emb, "num_embeddings") and len(tokenizer) > emb.num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
@@ -211,7 +240,7 @@ class Task:
         """streaming=true (after setup): this rank's training items, tokenized on the fly, as a
         `notrainer.data.streaming.PackedStream` (checkpointable). `raw["train"]` is a sample of the
         stream's first rows, for columns and formats."""
-        raise UsageError(f"task={self.name} cannot stream; streaming=true works with clm and sft")
+        raise UsageError(f"task={self.name} cannot stream; streaming=true works with clm, sft and mlm")
 
     # ------------------------------------------------------------------ 8. training and evaluation
 

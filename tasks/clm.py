@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from itertools import chain
 from typing import Optional
 
 from notrainer.data import builtin
@@ -33,12 +34,18 @@ class CLMConfig(TrainConfig):
                                     "rows; never to the lines of .txt files, as in run_clm_no_trainer.py)")
     chunked_loss: Optional[bool] = key(None, "lm_head + cross-entropy in chunks, never the full fp32 logits "
                                              "(docs/performance.md); default: on when CUDA is available")
+    eval_stride: Optional[int] = key(None, "sliding-window perplexity: score the validation text in windows of block_size "
+                                           "tokens that move by this many, each token once (docs/clm.md); default: "
+                                           "non-overlapping blocks")
 
     def validate(self) -> None:
         super().validate()
         check(self.block_size is None or self.block_size >= 2, "block_size must be >= 2")
         check(not (self.streaming and self.line_by_line), "streaming=true packs documents into blocks; "
                                                           "line_by_line=true cannot stream")
+        check(self.eval_stride is None or self.eval_stride >= 1, "eval_stride must be >= 1")
+        check(not (self.eval_stride and self.line_by_line),
+              "eval_stride slides over the concatenated validation text; line_by_line=true scores each line alone")
 
 
 class CLMTask(Task):
@@ -74,6 +81,9 @@ class CLMTask(Task):
         super().setup(model, tokenizer)
         self._block_size = common.fit_length("block_size", self.cfg.block_size, model, tokenizer, default_cap=1024)
         self._head = self.chunked_loss_head(model)
+        check(self.cfg.eval_stride is None or self.cfg.eval_stride <= self._block_size,
+              f"eval_stride={self.cfg.eval_stride} is larger than block_size={self._block_size}: tokens between the "
+              f"windows would never be scored; use eval_stride<={self._block_size}")
         if self.cfg.line_by_line:
             require_pad_token(tokenizer, "line_by_line=true (padding)")
 
@@ -106,6 +116,8 @@ class CLMTask(Task):
 
         tokenized = map_splits(raw, tokenize, cfg, desc="tokenizing")
         grouped = map_splits(tokenized, group, cfg, desc=f"grouping into blocks of {block}:")
+        if cfg.eval_stride and "validation" in tokenized:
+            grouped["validation"] = sliding_window_dataset(tokenized["validation"], block, cfg.eval_stride, cfg)
         if "train" in grouped:
             check(len(grouped["train"]) > 0,
                   f"the training text is shorter than one block of {block} tokens; lower block_size or add data")
@@ -119,15 +131,19 @@ class CLMTask(Task):
 
     def train_stream(self, raw, tokenizer, rank: int, world_size: int):
         """The map-style blocks, built on the fly (notrainer.data.streaming: same packing rules)."""
-        from notrainer.data.files import open_train_stream
+        from notrainer.data.files import resolve_files, split_format
+        from notrainer.data.mixture import training_stream
         from notrainer.data.streaming import build_stream
 
-        cfg = self.cfg
-        return build_stream(cfg.train_file, tokenizer, self._block_size, rank=rank, world_size=world_size,
-                            seed=cfg.seed, shuffle_buffer_size=cfg.shuffle_buffer_size,
-                            text_column=self.text_column(raw["train"]), add_eos=self.adds_eos(tokenizer),
-                            keep_linebreaks=keeps_linebreaks(cfg),
-                            dataset=open_train_stream(cfg) if cfg.dataset_name else None)
+        cfg, column = self.cfg, self.text_column(raw["train"])
+
+        def part(files, dataset=None, **kw):  # one source (of a mixture: each .txt source without eos)
+            eos = self.adds_eos(tokenizer) if dataset is not None or files is cfg.train_file else \
+                bool(cfg.add_eos_token and tokenizer.eos_token) and split_format(resolve_files(files))[0] != "text"
+            return build_stream(files, tokenizer, self._block_size, text_column=column, add_eos=eos,
+                                keep_linebreaks=keeps_linebreaks(cfg), dataset=dataset, **kw)
+
+        return training_stream(cfg, part, rank, world_size)
 
     def collator(self, tokenizer):
         if self.cfg.line_by_line:
@@ -178,6 +194,42 @@ def shifted_targets(batch):
     """Target tokens of a causal LM batch: the model shifts labels by one, so the first label
     of each row is never predicted (clm and sft weigh micro-batches by this)."""
     return (batch["labels"][:, 1:] != -100).sum()
+
+
+def sliding_windows(ids: list[int], block: int, stride: int) -> tuple[list[list[int]], list[list[int]]]:
+    """The sliding-window evaluation of the Hugging Face perplexity guide: windows of `block`
+    tokens whose starts move by `stride`; in each window only the tokens no earlier window
+    scored are targets, the rest (up to block - 1 tokens) are context with label -100. Every
+    token but the text's first is scored once (with stride = block: the non-overlapping blocks,
+    whose first tokens have no context). The last window ends at the text's end and keeps its
+    full length, so all windows have one length and batch without padding.
+    Returns (input_ids, labels), one list per window."""
+    n, windows, labels = len(ids), [], []
+    begin, prev_end = 0, 0
+    while prev_end < n:
+        end = min(begin + block, n)
+        start = max(0, end - block)
+        targets = end - prev_end
+        window = ids[start:end]
+        windows.append(window)
+        labels.append([-100] * (len(window) - targets) + window[len(window) - targets:])
+        prev_end, begin = end, begin + stride
+    return windows, labels
+
+
+def sliding_window_dataset(tokenized, block: int, stride: int, cfg):
+    """The tokenized validation split (one row per document) -> its sliding windows: the
+    documents are concatenated as for training, in one map batch (not per worker or per 1000
+    rows), so no token is dropped."""
+    def windows(batch):
+        ids = list(chain.from_iterable(batch["input_ids"]))
+        check(len(ids) >= 2, "the validation text has fewer than 2 tokens: nothing to score with eval_stride")
+        input_ids, labels = sliding_windows(ids, block, stride)
+        return {"input_ids": input_ids, "labels": labels}
+
+    return tokenized.map(windows, batched=True, batch_size=None, remove_columns=tokenized.column_names,
+                         load_from_cache_file=not cfg.overwrite_cache,
+                         desc=f"sliding windows of {block} tokens, stride {stride}:")
 
 
 def perplexity(eval_loss) -> dict[str, float]:

@@ -121,10 +121,10 @@ def sharded_reason() -> str | None:
     """Why the model's weights are only shards outside its forward pass (FSDP, DeepSpeed
     ZeRO-3), or None. Reading a weight directly (the chunked loss) then fails, and every rank
     must keep stepping `generate` until all are done (synced_gpus)."""
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, is_initialized
     from accelerate.utils import DistributedType
 
-    if not AcceleratorState._shared_state:  # no accelerator yet: nothing is sharded
+    if not is_initialized():  # no accelerator yet: nothing is sharded
         return None
     state = AcceleratorState()
     if state.distributed_type == DistributedType.FSDP:

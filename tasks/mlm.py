@@ -41,6 +41,8 @@ class MLMConfig(TrainConfig):
         super().validate()
         check(0.0 < self.mlm_probability < 1.0, f"mlm_probability must be in (0, 1), got {self.mlm_probability}")
         check(self.max_seq_length is None or self.max_seq_length >= 4, "max_seq_length must be >= 4")
+        check(not (self.streaming and self.line_by_line), "streaming=true packs text into blocks; "
+                                                          "line_by_line=true cannot stream")
 
 
 class MLMTask(Task):
@@ -49,6 +51,7 @@ class MLMTask(Task):
     auto_model = "AutoModelForMaskedLM"
     tiny_model_type = "bert"
     tokenizer_style = "bert"
+    supports_streaming = True
     # The tiny model sits at the unigram level (perplexity ~30) for a few hundred steps before
     # it learns to use the context; a decaying schedule stalls it there, a constant one does not.
     embedded_defaults = dict(learning_rate=1e-3, num_train_epochs=40.0, per_device_train_batch_size=16,
@@ -113,6 +116,25 @@ class MLMTask(Task):
         if "validation" in blocks:
             blocks["validation"] = self.mask_once(blocks["validation"], tokenizer)
         return blocks
+
+    def train_stream(self, raw, tokenizer, rank: int, world_size: int):
+        """streaming=true: the map-style blocks (tokenized with special tokens, concatenated, cut
+        into max_seq_length blocks per read group), built on the fly; masked by the collator."""
+        from notrainer.data.files import keeps_linebreaks
+        from notrainer.data.mixture import training_stream
+        from notrainer.data.streaming import build_example_stream
+
+        cfg, col, max_len = self.cfg, self.text_column(raw["train"]), self._max_len
+
+        def encode(batch):
+            tokens = tokenizer([t for t in batch[col] if t], return_special_tokens_mask=True,
+                               return_offsets_mapping=cfg.whole_word_masking)
+            return common.group_into_blocks(dict(tokens), max_len)
+
+        def part(files, **kw):
+            return build_example_stream(files, encode, keep_linebreaks=keeps_linebreaks(cfg), **kw)
+
+        return training_stream(cfg, part, rank, world_size)
 
     def masking_collator(self, tokenizer):
         from transformers import DataCollatorForLanguageModeling

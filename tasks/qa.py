@@ -71,6 +71,8 @@ class QATask(Task):
     # point at [CLS] in windows without the answer, as on long real contexts.
     embedded_defaults = dict(learning_rate=1e-3, num_train_epochs=3.0, per_device_train_batch_size=32,
                              per_device_eval_batch_size=64, warmup_ratio=0.1, max_seq_length=32, doc_stride=12)
+    #: with the user's data these keep the scripts' defaults (384, 128), not the built-in data's
+    data_length_keys = ("max_seq_length", "doc_stride")
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -92,13 +94,37 @@ class QATask(Task):
         files = {k: v for k, v in (("train", cfg.train_file), ("validation", cfg.validation_file),
                                    ("test", cfg.test_file)) if v}
         if cfg.dataset_name or not files:
-            return super().load_raw_datasets()
+            return self._allow_unanswerable(super().load_raw_datasets())
         import datasets
 
         loaded = datasets.DatasetDict({split: load_qa_file(path, split) for split, path in files.items()})
         # the generic loader holds out validation_split_percentage and applies max_*_samples
         plain = dataclasses.replace(cfg, train_file=None, validation_file=None, test_file=None)
-        return data.load_raw_datasets(plain, builtin=lambda: loaded)
+        return self._allow_unanswerable(data.load_raw_datasets(plain, builtin=lambda: loaded))
+
+    #: set by load_raw_datasets: the data has unanswerable questions though version_2_with_negative=false
+    _unanswerable_in_data: bool = False
+
+    @property
+    def v2(self) -> bool:
+        """SQuAD v2 rules: version_2_with_negative=true, or data with unanswerable questions."""
+        return bool(self.cfg.version_2_with_negative or self._unanswerable_in_data)
+
+    def _allow_unanswerable(self, raw):
+        """Questions without an answer in data read with version_2_with_negative=false are trained
+        and evaluated as unanswerable (v2), as run_qa_no_trainer.py does with
+        --version_2_with_negative=False (its flag reads any value as true); said in one line."""
+        cfg = self.cfg
+        if self.v2:
+            return raw
+        column = cfg.answer_column
+        empty = sum(1 for name in ("train", "validation") if name in raw and column in raw[name].column_names
+                    for a in raw[name][column] if isinstance(a, dict) and not (a.get("text") or []))
+        if empty:
+            self._unanswerable_in_data = True
+            print(f"the data has {empty} question(s) without an answer: they are trained and evaluated as "
+                  "unanswerable (SQuAD v2 rules, version_2_with_negative=true)", flush=True)
+        return raw
 
     def tokenizer_texts(self, raw):
         ds = raw["train"]
@@ -180,7 +206,7 @@ class QATask(Task):
         answers = [normalise_answers(a) for a in ds[cfg.answer_column]] if cfg.answer_column in ds.column_names \
             else [None] * len(ds)
         for i, (context, ans) in enumerate(zip(contexts, answers)):
-            check_answers(ids[i], context, ans, split, cfg.version_2_with_negative)
+            check_answers(ids[i], context, ans, split, self.v2)
         self._check_room(questions, ids, tokenizer)
         return [{"id": ids[i], "context": contexts[i], "answers": answers[i]} for i in range(len(ds))]
 
@@ -243,7 +269,7 @@ class QATask(Task):
         cfg = self.cfg
         return postprocess_predictions(self._examples[split], features, starts, ends, n_best_size=cfg.n_best_size,
                                        max_answer_length=cfg.max_answer_length,
-                                       version_2_with_negative=cfg.version_2_with_negative,
+                                       version_2_with_negative=self.v2,
                                        null_score_diff_threshold=cfg.null_score_diff_threshold)
 
     def compute_metrics(self, outputs, eval_loss):
@@ -253,8 +279,8 @@ class QATask(Task):
         if self._metric is None:
             from notrainer.metrics import load_metric
 
-            self._metric = load_metric("squad_v2" if self.cfg.version_2_with_negative else "squad")
-        if self.cfg.version_2_with_negative:
+            self._metric = load_metric("squad_v2" if self.v2 else "squad")
+        if self.v2:
             # the threshold already decided empty answers: the metric takes the text as it is
             scores = self._metric.compute(predictions=[{"id": p["id"], "prediction_text": p["prediction_text"],
                                                         "no_answer_probability": 0.0} for p in preds], references=refs)

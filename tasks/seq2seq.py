@@ -58,8 +58,8 @@ class Seq2SeqConfig(TrainConfig):
               "max_source_length and max_target_length must be >= 1")
         check(self.num_beams >= 1, "num_beams must be >= 1")
         check(self.generation_max_length is None or self.generation_max_length >= 1, "generation_max_length must be >= 1")
-        check((self.source_column is None) == (self.target_column is None),
-              "give both source_column=... and target_column=...")
+        # One of source_column / target_column alone: the other is the data's other text column
+        # (run_summarization_no_trainer.py's --text_column / --summary_column given alone).
 
 
 class Seq2SeqTask(Task):
@@ -71,6 +71,8 @@ class Seq2SeqTask(Task):
     embedded_defaults = dict(learning_rate=3e-3, num_train_epochs=2.0, per_device_train_batch_size=32,
                              per_device_eval_batch_size=64, warmup_ratio=0.05, lr_scheduler_type="linear",
                              max_source_length=32, max_target_length=32)
+    #: with the user's data these keep the scripts' defaults (1024, 128), not the built-in data's
+    data_length_keys = ("max_source_length", "max_target_length")
 
     #: set by setup: the collator makes decoder_input_ids with the model; evaluation decodes with the tokenizer
     _model = None
@@ -89,16 +91,27 @@ class Seq2SeqTask(Task):
     def columns(self, ds, split: str = "train") -> tuple[str, str]:
         """(source, target) column names, or ("translation", "translation") for translation records."""
         cfg, names = self.cfg, ds.column_names
-        if cfg.source_column:  # Config.validate: both or neither
+        if cfg.source_column and cfg.target_column:
             return cfg.source_column, cfg.target_column
+        if cfg.source_column or cfg.target_column:  # one given: the other is the first other column
+            given = cfg.source_column or cfg.target_column
+            require_columns(ds, {"source_column" if cfg.source_column else "target_column": given})
+            others = [n for n in names if n != given]
+            if not others and split == "test" and cfg.source_column:
+                return given, None
+            check(bool(others), f"{'source' if cfg.source_column else 'target'}_column={given!r}: the data has no "
+                                "other column to pair it with; set both source_column=... and target_column=...")
+            known = [t if cfg.source_column else s for s, t in KNOWN_COLUMNS]
+            other = next((n for n in known if n in others), others[0])
+            return (given, other) if cfg.source_column else (other, given)
         if "translation" in names:
             langs = set(_translation_langs(ds))
             check(cfg.source_lang is not None and cfg.target_lang is not None,
                   f"translation records need source_lang=... and target_lang=... (the data has {', '.join(sorted(langs))})")
             for name in ("source_lang", "target_lang"):
                 lang = getattr(cfg, name)
-                check(lang in langs, f"{name}={lang!r}: no such language in the translation records "
-                                     f"(they have {', '.join(sorted(langs))})")
+                check(record_lang(lang, langs) in langs, f"{name}={lang!r}: no such language in the translation records "
+                                                         f"(they have {', '.join(sorted(langs))})")
             return "translation", "translation"
         for source, target in KNOWN_COLUMNS:
             if source in names and (target in names or split == "test"):  # test data may lack targets
@@ -126,7 +139,9 @@ class Seq2SeqTask(Task):
         they are (no prefix, not checked)."""
         if src_col == "translation":
             records = list(table["translation"])
-            return [r.get(self.cfg.source_lang) for r in records], [r.get(self.cfg.target_lang) for r in records]
+            langs = set(records[0]) if records and isinstance(records[0], dict) else set()
+            src, tgt = record_lang(self.cfg.source_lang, langs), record_lang(self.cfg.target_lang, langs)
+            return [r.get(src) for r in records], [r.get(tgt) for r in records]
         return list(table[src_col]), (list(table[tgt_col]) if tgt_col in names else None)
 
     def tokenizer_texts(self, raw):
@@ -281,6 +296,15 @@ def _require_encoder_decoder(config, name: str) -> None:
           f"task=seq2seq needs an encoder-decoder model (T5, BART, Marian, ...); {name} is a "
           f"{getattr(config, 'model_type', 'decoder-only')} model without a decoder stack "
           "(for a decoder-only model use task=sft or task=clm)")
+
+
+def record_lang(code: str | None, langs) -> str | None:
+    """The key of a translation record for a language code: the code itself, else its part
+    before "_" (mBART codes: en_XX -> en, as run_translation_no_trainer.py reads them)."""
+    if code is None or code in langs:
+        return code
+    short = code.split("_")[0]
+    return short if short in langs else code
 
 
 def _translation_langs(ds) -> list[str]:

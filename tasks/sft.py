@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from notrainer import compat
 from notrainer.data import builtin
 from notrainer.modeling import losses
 from notrainer.config import TrainConfig, key
@@ -90,6 +91,23 @@ class SFTTask(Task):
             return texts + [f"{r}:" for r in sorted(roles)] * 20
         return list(ds[self.cfg.prompt_column]) + list(ds[self.cfg.response_column])
 
+    #: set by check_raw_rows (lifecycle step 2): chat roles outside STANDARD_ROLES -> (file, first row)
+    _other_roles: Optional[dict] = None
+
+    def check_raw_rows(self, ds, where: str) -> None:
+        """Chat roles outside the standard ones, with the first row of each (file order);
+        `setup` refuses those the chat template does not know either."""
+        column = self.cfg.messages_column
+        if column not in ds.column_names:
+            return
+        roles = chat_roles(ds, column)
+        if self._other_roles is None:
+            self._other_roles = {}
+        for role in sorted(roles - set(STANDARD_ROLES) - set(self._other_roles)):
+            row = next(i for i, chat in enumerate(ds[column])
+                       if any(isinstance(m, dict) and m.get("role") == role for m in chat or []))
+            self._other_roles[role] = (where, row + 1)
+
     def data_format(self, ds, need_response: bool = True) -> str:
         cfg = self.cfg
         if cfg.messages_column in ds.column_names:
@@ -125,6 +143,10 @@ class SFTTask(Task):
         elif tokenizer.chat_template is None:
             tokenizer.chat_template = SIMPLE_CHAT_TEMPLATE  # saved with the tokenizer at export
         check(tokenizer.eos_token is not None, "task=sft needs a tokenizer with an end-of-text (eos) token")
+        known = template_roles(tokenizer.chat_template)
+        for role, (where, row) in (self._other_roles or {}).items():
+            check(role in known, f"{where} row {row}: chat role {role!r} is not one the chat template knows "
+                                 f"({', '.join(known)}); rename it, or set chat_template=... to one that has it")
         if cfg.packing:
             check(packing_is_isolated(model),
                   f"packing=true: {type(model).__name__} does not build its attention mask from packed position "
@@ -178,14 +200,16 @@ class SFTTask(Task):
 
     def train_stream(self, raw, tokenizer, rank: int, world_size: int):
         """One encoded example per item; packing stays the collator's (packing=true)."""
-        from notrainer.data.files import keeps_linebreaks, open_train_stream
+        from notrainer.data.files import keeps_linebreaks
+        from notrainer.data.mixture import training_stream
         from notrainer.data.streaming import build_example_stream
 
-        cfg = self.cfg
-        return build_example_stream(cfg.train_file, self.encoder(tokenizer, self.data_format(raw["train"])),
-                                    rank=rank, world_size=world_size, seed=cfg.seed,
-                                    shuffle_buffer_size=cfg.shuffle_buffer_size, keep_linebreaks=keeps_linebreaks(cfg),
-                                    dataset=open_train_stream(cfg) if cfg.dataset_name else None)
+        cfg, encode = self.cfg, self.encoder(tokenizer, self.data_format(raw["train"]))
+
+        def part(files, **kw):  # one source (a mixture: each of its sources)
+            return build_example_stream(files, encode, keep_linebreaks=keeps_linebreaks(cfg), **kw)
+
+        return training_stream(cfg, part, rank, world_size)
 
     def collator(self, tokenizer):
         if self.cfg.packing:
@@ -291,6 +315,34 @@ class SFTTask(Task):
 
 # ---------------------------------------------------------------------- rendering and masking
 
+#: the roles every chat template is expected to render (the OpenAI chat format's)
+STANDARD_ROLES = ("system", "user", "assistant", "tool")
+
+
+def chat_roles(ds, column: str) -> set:
+    """Every role in a chat column, read through arrow (no Python pass over the rows)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = ds.with_format("arrow")[column]
+    try:
+        turns = pc.list_flatten(values)
+        if pa.types.is_struct(turns.type) and turns.type.get_field_index("role") >= 0:
+            return {r for r in pc.unique(pc.struct_field(turns, "role")).to_pylist() if isinstance(r, str)}
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, TypeError):
+        pass
+    return {m.get("role") for chat in ds[column] if isinstance(chat, list) for m in chat
+            if isinstance(m, dict) and isinstance(m.get("role"), str)}
+
+
+def template_roles(template: str | None) -> list[str]:
+    """The roles a chat template knows: the standard ones and every role it names
+    (`message['role'] == 'robot'`, `message.role == "robot"`)."""
+    import re
+
+    named = re.findall(r"""role['"]?\]?\s*==\s*['"]([^'"]+)['"]""", template or "")
+    return list(dict.fromkeys([*STANDARD_ROLES, *named]))
+
 
 def render_chat(tokenizer, messages) -> tuple[str, list[tuple[int, int]]]:
     """The rendered chat and the character spans of its assistant turns.
@@ -350,7 +402,7 @@ def packing_is_isolated(model) -> bool:
     position ids directly; the sdpa/eager/flex paths do it through transformers' mask builder
     (create_causal_mask), which turns restarting position ids into a block-diagonal mask."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    impl = getattr(base.config, "_attn_implementation", None) or ""
+    impl = compat.attn_implementation(base.config) or ""
     if impl.startswith("flash_attention"):
         return True
     module = sys.modules.get(type(base).__module__)

@@ -13,14 +13,19 @@ from pathlib import Path
 from conftest import REPO, _free_port, read_results
 
 # A task that sleeps in each micro-batch (SLOW_STEP_SECONDS) so that kill -9 lands between two
-# checkpoints; otherwise it is task=clm.
+# checkpoints; otherwise it is task=clm. With SLOW_STEP_MARKER=path each rank appends a line to
+# path.<rank> as a micro-batch starts, which a test waits on (wait_for_batches) instead of a sleep.
 SLOW_TASK = '''
 import os, time
 from notrainer.tasks.clm import CLMTask
 
 class SlowCLM(CLMTask):
     def loss(self, model, batch):
-        time.sleep(float(os.environ.get("SLOW_STEP_SECONDS", "0")))
+        seconds = os.environ.get("SLOW_STEP_SECONDS", "0")
+        if os.environ.get("SLOW_STEP_MARKER"):
+            with open(os.environ["SLOW_STEP_MARKER"] + "." + os.environ.get("RANK", "0"), "a") as f:
+                f.write(seconds + "\\n")
+        time.sleep(float(seconds))
         return super().loss(model, batch)
 '''
 
@@ -76,6 +81,33 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
             kill9_tree(proc)
             raise AssertionError(f"{path} did not appear in {timeout} s")
         time.sleep(0.05)
+
+
+def batches_started(marker: Path, rank: int = 0) -> list[str]:
+    """The lines rank `rank` of a SLOW_TASK run wrote to its SLOW_STEP_MARKER file so far."""
+    path = Path(f"{marker}.{rank}")
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def wait_for_batches(marker: Path, proc: subprocess.Popen, count: int, timeout: float = 300, rank: int = 0) -> None:
+    """Wait until rank `rank` of a SLOW_TASK run has started `count` micro-batches in all."""
+    deadline = time.monotonic() + timeout
+    while len(batches_started(marker, rank)) < count:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before its micro-batch {count}\n"
+                                 f"{proc.communicate()[1][-3000:]}")
+        if time.monotonic() > deadline:
+            kill9_tree(proc)
+            raise AssertionError(f"the run did not reach micro-batch {count} in {timeout} s")
+        time.sleep(0.05)
+
+
+def wait_past_checkpoint(out: Path, step: int, marker: Path, proc: subprocess.Popen, batches: int = 2,
+                         timeout: float = 300) -> None:
+    """Wait until checkpoint `step` is complete and `batches` more micro-batches have started:
+    a kill then lands between two checkpoints (whatever the machine's speed)."""
+    wait_for(out / "checkpoints" / f"step_{step}" / "COMPLETE", proc, timeout=timeout)
+    wait_for_batches(marker, proc, len(batches_started(marker)) + batches, timeout=timeout)
 
 
 def fresh_eval_loss(model_dir: Path, tmp_path: Path) -> float:

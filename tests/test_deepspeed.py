@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import read_results
-from dist_helpers import fresh_eval_loss, finish, kill9_tree, slow_task_arg, start, wait_for
+from dist_helpers import fresh_eval_loss, finish, kill9_tree, slow_task_arg, start, wait_past_checkpoint
 
 pytestmark = [
     pytest.mark.slow,
@@ -80,9 +79,9 @@ def test_zero_stage_trains_resumes_after_kill9_and_exports(stage, tmp_path):
     assert list((ref / "checkpoints" / f"step_{EVERY}").glob("custom_checkpoint_*.pkl"))
 
     out = tmp_path / "run"
-    proc = _start(recipe, *args, f"output_dir={out}", SLOW_STEP_SECONDS="0.5")
-    wait_for(out / "checkpoints" / f"step_{EVERY}" / "COMPLETE", proc)
-    time.sleep(0.5)
+    marker = tmp_path / "batches"
+    proc = _start(recipe, *args, f"output_dir={out}", SLOW_STEP_SECONDS="0.5", SLOW_STEP_MARKER=str(marker))
+    wait_past_checkpoint(out, EVERY, marker, proc, batches=1)
     kill9_tree(proc)
     assert not (out / "all_results.json").exists()
     log = finish(_start(recipe, *args, f"output_dir={out}", "resume_from_checkpoint=auto"))

@@ -8,12 +8,11 @@ The same test on 2 GPUs (bf16) carries the `gpu` mark."""
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
 from conftest import REPO, read_results
-from dist_helpers import fresh_eval_loss, finish, kill9_tree, slow_task_arg, start, wait_for
+from dist_helpers import fresh_eval_loss, finish, kill9_tree, slow_task_arg, start, wait_past_checkpoint
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.slow
@@ -38,9 +37,9 @@ def _kill9_resume_export(tmp_path, launch, env, args, rel, export_rel=1e-5):
     assert len(list((ref / "checkpoints" / f"step_{EVERY}").rglob("*.distcp"))) >= 2, "sharded (DCP) checkpoint"
 
     out = tmp_path / "run"
-    proc = start(launch, *args, f"output_dir={out}", env=env(SLOW_STEP_SECONDS="0.5"))
-    wait_for(out / "checkpoints" / f"step_{EVERY}" / "COMPLETE", proc, timeout=600)
-    time.sleep(0.5)
+    marker = tmp_path / "batches"
+    proc = start(launch, *args, f"output_dir={out}", env=env(SLOW_STEP_SECONDS="0.5", SLOW_STEP_MARKER=str(marker)))
+    wait_past_checkpoint(out, EVERY, marker, proc, batches=1, timeout=600)
     kill9_tree(proc)
     assert not (out / "all_results.json").exists()
     assert "resumed from" in finish(start(launch, *args, f"output_dir={out}", "resume_from_checkpoint=auto", env=env()))

@@ -33,6 +33,18 @@ def test_offline_fails_in_one_line(monkeypatch):
     assert "HF_HUB_OFFLINE" in msg and "\n" not in msg
 
 
+def test_transformers_offline_alone_is_refused_naming_it(monkeypatch):
+    """TRANSFORMERS_OFFLINE=1 (what many offline users set) also means no Hub: refused before
+    training, naming the variable that is set."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_dummy")
+    with pytest.raises(UsageError) as e:
+        hub.check_push_to_hub(_cfg(hub_model_id="me/model"))
+    assert str(e.value).startswith("push_to_hub=true needs the network, but TRANSFORMERS_OFFLINE is set")
+
+
 def test_no_token_fails_in_one_line(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
@@ -47,6 +59,7 @@ def test_no_token_fails_in_one_line(monkeypatch, tmp_path):
 def test_token_is_checked_before_training(monkeypatch):
     """With a token, the Hub is asked once (whoami); a refusal is one line, not a traceback."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)  # online, whatever the caller's environment
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
 
     def refuse(token=None):

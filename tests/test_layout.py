@@ -73,7 +73,9 @@ def _imports_by_module() -> dict[str, set[str]]:
     for name, path in files.items():
         package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
         found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.parse(path.read_text()).body:  # module-level imports: the ones run at import time
+            if isinstance(node, ast.If):
+                continue
             if isinstance(node, ast.ImportFrom):
                 base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
                 target = (base + ("." + node.module if node.module else "")) if node.level else node.module or ""
@@ -82,7 +84,8 @@ def _imports_by_module() -> dict[str, set[str]]:
                 candidates = [a.name for a in node.names]
             else:
                 continue
-            found |= {c for c in candidates if c in files and c != name}
+            named = {c for c in candidates[1:] if c in files}  # `from pkg import module` imports the module
+            found |= {c for c in (named or candidates[:1]) if c in files and c != name}
         edges[name] = found
     return edges
 

@@ -151,8 +151,14 @@ def test_bad_input_is_one_clear_line(tmp_path):
         run_cli("task=qa", f"train_file={write('moved.jsonl', moved)}", output_dir=tmp_path / "a")
     no_answer = [dict(r) for r in records]
     no_answer[2] = {**no_answer[2], "answers": {"text": [], "answer_start": []}}
-    with pytest.raises(UsageError, match="has no answer; set version_2_with_negative=true"):
-        run_cli("task=qa", f"train_file={write('v2.jsonl', no_answer)}", output_dir=tmp_path / "b")
+    # run_qa_no_trainer.py's rule: data with unanswerable questions is read as SQuAD v2 (said in one
+    # line; docs/hf-scripts.md), not refused
+    from notrainer.cli.run import parse_args
+
+    cfg, task_cls = parse_args(["task=qa", f"train_file={write('v2.jsonl', no_answer)}"])
+    task = task_cls(cfg)
+    task.load_raw_datasets()
+    assert task.v2 and not cfg.version_2_with_negative
     blank = [dict(r) for r in records]
     blank[1] = {**blank[1], "question": "  "}
     with pytest.raises(UsageError, match="train split has 1 empty 'question' value"):

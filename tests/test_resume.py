@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 
 from conftest import CPU_ENV, REPO, launch_command, one_thread, read_results, run_cli
-from dist_helpers import kill9_tree, wait_for
+from dist_helpers import batches_started, kill9_tree, wait_for, wait_for_batches, wait_past_checkpoint
 
 # The task sleeps in each micro-batch (SLOW_STEP_SECONDS) so that a test can hit the run between
-# two checkpoints; the numbers are those of task=clm.
+# two checkpoints; the numbers are those of task=clm. Each rank appends a line (the seconds it is
+# about to sleep) to SLOW_STEP_MARKER.<rank> as a micro-batch starts: tests wait on that file
+# (dist_helpers.wait_for_batches), never on a sleep, before they kill or signal the run.
 SLOW_TASK = '''
 import os, time
 from notrainer.tasks.clm import CLMTask
@@ -29,6 +31,9 @@ class SlowCLM(CLMTask):
         seconds = os.environ.get("SLOW_STEP_SECONDS", "0")
         if os.path.isfile(os.environ.get("SLOW_STEP_FILE", "")):  # lets a test slow a running process down
             seconds = open(os.environ["SLOW_STEP_FILE"]).read()
+        if os.environ.get("SLOW_STEP_MARKER"):
+            with open(os.environ["SLOW_STEP_MARKER"] + "." + os.environ.get("RANK", "0"), "a") as f:
+                f.write(seconds.strip() + "\\n")
         time.sleep(float(seconds))
         return super().loss(model, batch)
 '''
@@ -55,8 +60,16 @@ def reference(slow_task, tmp_path_factory) -> Path:
     return out
 
 
+def _marker(args: list[str]) -> Path | None:
+    """The SLOW_STEP_MARKER file of a run: beside its output_dir."""
+    out = next((a.split("=", 1)[1] for a in args if a.startswith("output_dir=")), None)
+    return Path(f"{out}.batches") if out else None
+
+
 def _start(args: list[str], num_processes: int, slow: float, **env_extra: str) -> subprocess.Popen:
-    env = {**os.environ, **CPU_ENV, "SLOW_STEP_SECONDS": str(slow), **env_extra}
+    marker = _marker(args)
+    env = {**os.environ, **CPU_ENV, "SLOW_STEP_SECONDS": str(slow), **({"SLOW_STEP_MARKER": str(marker)} if marker else {}),
+           **env_extra}
     cmd = launch_command(["-m", "notrainer.run", *args], num_processes)
     return subprocess.Popen(cmd, env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -68,8 +81,7 @@ def _steps(out: Path) -> list[int]:
 
 def _kill9_between_checkpoints(args: list[str], out: Path, num_processes: int) -> None:
     proc = _start(args, num_processes, slow=0.15)
-    wait_for(out / "checkpoints" / f"step_{EVERY}" / "COMPLETE", proc)
-    time.sleep(0.5)  # a few micro-batches into the next checkpoint interval
+    wait_past_checkpoint(out, EVERY, _marker(args), proc, batches=3)  # into the next checkpoint interval
     kill9_tree(proc)  # drains its output too
     assert _steps(out) == [EVERY], "the kill must land between two checkpoints"
     assert not (out / "model.safetensors").exists()
@@ -110,8 +122,7 @@ def test_kill9_then_auto_resume_is_bitwise_equal_ddp(slow_task, tmp_path):
 def test_sigterm_checkpoints_and_exits_75_then_resume_finishes(slow_task, reference, tmp_path):
     out = tmp_path / "run"
     proc = _start([slow_task, *ARGS, f"output_dir={out}"], num_processes=1, slow=0.15)
-    wait_for(out / "checkpoints" / f"step_{EVERY}" / "COMPLETE", proc)
-    time.sleep(0.3)
+    wait_past_checkpoint(out, EVERY, _marker([f"output_dir={out}"]), proc, batches=1)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 75, stderr[-3000:]
@@ -137,9 +148,12 @@ def test_second_signal_stops_at_once_and_keeps_the_checkpoints(slow_task, tmp_pa
     proc = _start([slow_task, *ARGS, f"output_dir={out}"], num_processes=1, slow=0.05, SLOW_STEP_FILE=str(slow_file))
     wait_for(out / "checkpoints" / f"step_{EVERY}" / "COMPLETE", proc)
     slow_file.write_text("30")  # from now on a micro-batch takes 30 s: the first signal cannot finish the step
-    time.sleep(0.3)
+    marker = _marker([f"output_dir={out}"])
+    wait_for_batches(marker, proc, len(batches_started(marker)) + 1)
+    while batches_started(marker)[-1] != "30":  # a micro-batch that started before the file was written
+        wait_for_batches(marker, proc, len(batches_started(marker)) + 1)
     proc.send_signal(signal.SIGINT)
-    time.sleep(1.5)  # past preemption.REPEAT_GRACE_S
+    time.sleep(1.5)  # a second signal counts only after preemption.REPEAT_GRACE_S: a rule of time, not a race
     assert proc.poll() is None
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)

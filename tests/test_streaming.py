@@ -201,7 +201,8 @@ def _cli_error(argv, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["task=clm"], "streaming=true needs max_train_steps=N"),
-    (["task=mlm", "max_train_steps=5"], "streaming=true: task=mlm cannot stream (clm and sft can)"),
+    (["task=classification", "max_train_steps=5"],
+     "streaming=true: task=classification cannot stream (clm, sft and mlm can)"),
     (["task=clm", "max_train_steps=5", "line_by_line=true"], "line_by_line=true cannot stream"),
 ])
 def test_streaming_settings_that_cannot_work_are_one_line(tmp_path, capsys, args, message):

@@ -50,16 +50,15 @@ def main(argv: list[str] | None = None) -> int:
               "(accelerate's options: accelerate launch --help)")
         return 0
     launcher_args, run_args = split_argv(argv)
-    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    args = launch_command_parser().parse_args([*launcher_args, "--module", "notrainer.cli.run", *run_args])
+    from notrainer import compat
+
     try:
-        launch_command(args)
+        compat.accelerate_launch(launcher_args, "notrainer.cli.run", run_args)
     except subprocess.CalledProcessError as e:  # one process: the child printed its message
         return e.returncode if e.returncode > 0 else 1
-    except Exception as e:  # several processes: torchrun's ChildFailedError
-        if type(e).__name__ != "ChildFailedError":
-            raise
+    except ChildFailedError as e:  # several processes: torchrun's report of the failed ranks
         return _child_status(e)
     return 0
 

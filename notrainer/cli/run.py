@@ -8,10 +8,12 @@ A mistake the user can fix is a `UsageError`: one line on stderr, exit status 2.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
 import sys
+from typing import Any, Optional
 
 from notrainer.errors import UsageError
 
@@ -35,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         from notrainer.observability.report import main as report_main
 
         return report_main(argv[1:])
+    if argv[:1] == ["verify-resume"]:  # kill -9 and resume this run's own config: exact or not
+        from notrainer.cli.verify_resume import main as verify_main
+
+        return verify_main(argv[1:])
     from notrainer.engine.guards import EXIT_DIVERGED, TrainingDiverged
     from notrainer.engine.preemption import EXIT_PREEMPTED, Preempted
 
@@ -79,6 +85,11 @@ BUILTIN_TASKS = {
     "token_classification": "notrainer.tasks.token_classification:TokenClassificationTask",
     "seq2seq": "notrainer.tasks.seq2seq:Seq2SeqTask",
     "qa": "notrainer.tasks.qa:QATask",
+    "reward": "notrainer.tasks.reward:RewardTask",
+    "dpo": "notrainer.tasks.dpo:DPOTask",
+    "image_classification": "notrainer.tasks.image_classification:ImageClassificationTask",
+    "semantic_segmentation": "notrainer.tasks.semantic_segmentation:SemanticSegmentationTask",
+    "multiple_choice": "notrainer.tasks.multiple_choice:MultipleChoiceTask",
 }
 
 
@@ -116,22 +127,26 @@ def parse_args(argv: list[str] | None = None):
     if want_help:
         print(help_text(task_cls.Config, task_cls))
         raise SystemExit(0)
-    cfg = make_config(task_cls.Config, pairs, file_cfg, name, task_cls.embedded_defaults)
+    cfg = make_config(task_cls.Config, pairs, file_cfg, name, task_cls.embedded_defaults,
+                      data_length_keys=getattr(task_cls, "data_length_keys", ()))
     if cfg.streaming and not task_cls.supports_streaming:
-        raise UsageError(f"streaming=true: task={name} cannot stream (clm and sft can); remove streaming=true")
+        raise UsageError(f"streaming=true: task={name} cannot stream (clm, sft and mlm can); remove streaming=true")
     return cfg, task_cls
 
 
-def check_output_dir(cfg) -> None:
-    """Never silently mix a new run into an old one, and never delete without being asked."""
-    from notrainer.engine.checkpoint import check_task, checkpoint_root, list_checkpoints, resolve
+def check_output_dir(cfg):
+    """Never silently mix a new run into an old one, and never delete without being asked.
+    Returns the checkpoint to resume from (resolved and verified here, once), or None."""
+    from notrainer.engine.checkpoint import check_run_folder, check_task, checkpoint_root, find_resume, list_checkpoints
+    from notrainer.engine.processes import is_rank0
 
     out = cfg.output_dir
-    if cfg.resume_from_checkpoint:
-        path = resolve(out, cfg.resume_from_checkpoint)  # a bad path fails here, before anything runs
-        if path is not None:
-            check_task(path, cfg.task)
-        return
+    check_run_folder(out)  # an existing file, a path under a file, no write permission
+    if cfg.resume_from_checkpoint:  # a bad path fails here, before anything runs
+        point = find_resume(out, cfg.resume_from_checkpoint, report=print if is_rank0() else None)
+        if point is not None:
+            check_task(point.path, cfg.task)
+        return point
     has_run = bool(list_checkpoints(out)) or os.path.isfile(os.path.join(out, "all_results.json"))
     if has_run and cfg.do_train:
         if not cfg.overwrite_output_dir:
@@ -141,6 +156,7 @@ def check_output_dir(cfg) -> None:
 
         if is_rank0():
             shutil.rmtree(checkpoint_root(out), ignore_errors=True)
+    return None
 
 
 def check_distributed(acc) -> None:
@@ -183,34 +199,58 @@ def settle_mixed_precision(cfg, acc) -> None:
     cfg.mixed_precision = acc.mixed_precision
 
 
-def build(cfg, task_cls):
-    """Everything `fit` needs, built in order: returns (loop, task)."""
-    import torch
-    from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a run derives from its config, resolved once (`plan`): the frozen config (output_dir,
+    accumulation for an elastic resume, mixed precision and mode settled in it), the accelerator,
+    the checkpoint to resume from (read once: nothing reads its files again) and the Hub repo."""
 
-    from notrainer.config import save_yaml, to_dict
-    from notrainer.engine.loop import Loop, make_accelerator
-    from notrainer.modeling import adapter_checkpoints
-    from notrainer.modeling.lora import apply_lora, is_peft_model
-    from notrainer.modeling.optim import build_optimizer, scheduler_factory
-    from notrainer.data.streaming import stream_loader
+    cfg: Any
+    accelerator: Any
+    resume: Any = None  # notrainer.engine.checkpoint.ResumePoint
+    repo_id: Optional[str] = None
 
-    # The checkpoint to resume from, verified once (its files are read back): the layout plan and
-    # the model checks below both use it.
-    resume_path = None
-    if cfg.resume_from_checkpoint:  # another process count: keep the checkpoint's global batch
-        from notrainer.engine.checkpoint import resolve
-        from notrainer.engine.elastic import plan
-        from notrainer.engine.processes import is_rank0
 
-        resume_path = resolve(cfg.output_dir, cfg.resume_from_checkpoint)
-        note = plan(cfg, resume_path, int(os.environ.get("WORLD_SIZE", "1")))
+def plan(cfg) -> Plan:
+    """Resolve everything derived, in order, before anything heavy; then freeze the config
+    (assigning to it raises) so every later step sees one settled run."""
+    from notrainer.engine.accelerator import make_accelerator
+    from notrainer.engine.elastic import plan as elastic_plan
+    from notrainer.engine.processes import is_rank0
+    from notrainer.modeling.optim import resolve_optim
+    from notrainer.observability.hub import check_push_to_hub
+
+    cfg.output_dir = cfg.resolved_output_dir()
+    resume = check_output_dir(cfg)
+    repo_id = check_push_to_hub(cfg)  # offline, no token, bad repo id: one line, before anything heavy
+    if resume is not None:  # another process count: keep the checkpoint's global batch
+        note = elastic_plan(cfg, resume.path, int(os.environ.get("WORLD_SIZE", "1")), saved=resume.layout)
         if note and is_rank0():
             print(note, file=sys.stderr)
     acc = make_accelerator(cfg)
     check_distributed(acc)
     settle_mixed_precision(cfg, acc)
+    resolve_optim(cfg, acc)  # optim's default follows the engine (ZeRO offload: DeepSpeedCPUAdam)
+    cfg.freeze()
+    return Plan(cfg, acc, resume, repo_id)
+
+
+def build(cfg, task_cls):
+    """Everything `fit` needs, built in order after the run is planned: returns (loop, task)."""
+    import torch
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+
+    from notrainer.config import save_yaml, to_dict
+    from notrainer.engine.loop import Loop
+    from notrainer.modeling import adapter_checkpoints
+    from notrainer.modeling.lora import apply_lora, is_peft_model
+    from notrainer.modeling.peft_methods import wants_merge
+    from notrainer.modeling.optim import build_optimizer, scheduler_factory
+    from notrainer.data.streaming import stream_loader
+
+    planned = plan(cfg)
+    acc, resume = planned.accelerator, planned.resume
     set_seed(cfg.seed)
     task = task_cls(cfg)
     if cfg.do_predict and not task.has_prediction_mode():  # say so before training, not after
@@ -219,7 +259,7 @@ def build(cfg, task_cls):
     # Data files are read (and cached) by the main process first; the others reuse its cache.
     with acc.main_process_first():
         raw = task.load_raw_datasets()
-    tokenizer = task.build_tokenizer(raw)
+    tokenizer = task.build_processor(raw)  # a tokenizer, an image processor or both (tasks/base.py)
     model = task.build_model(tokenizer)
     task.setup(model, tokenizer)  # the task lifecycle: see tasks/base.py
     model = apply_lora(model, cfg, task)  # lora.r > 0: only peft adapters (and the task's new head) train
@@ -227,12 +267,13 @@ def build(cfg, task_cls):
     if is_peft_model(model):  # checkpoints hold the adapters only; the frozen base is referenced
         base = adapter_checkpoints.base_identity(model, cfg)
         adapter_checkpoints.register(acc, base)
-    if resume_path is not None:  # another model shape fails here, before output_dir is touched
+    if resume is not None:  # another model shape fails here, before output_dir is touched
         from notrainer.engine.checkpoint import check_model
 
-        check_model(resume_path, model)
+        check_model(resume.path, model)
+        resume = dataclasses.replace(resume, model_checked=True)
         if base is not None:
-            adapter_checkpoints.check_base(resume_path, base)
+            adapter_checkpoints.check_base(resume.path, base)
     # streaming: raw["train"] is only a sample of the stream (data.load_streaming_raw); the
     # training items are tokenized on the fly by task.train_stream, the other splits here.
     streaming = cfg.streaming and cfg.do_train
@@ -275,13 +316,13 @@ def build(cfg, task_cls):
         os.makedirs(cfg.output_dir, exist_ok=True)
         save_yaml(cfg, os.path.join(cfg.output_dir, "config.yaml"))
 
-    optimizer = build_optimizer(model, cfg, acc.device)
+    optimizer = build_optimizer(model, cfg, acc.device, acc)
     loop = Loop(model, optimizer, train_loader if train_loader is not None else [], config=cfg, accelerator=acc,
                 loss_fn=task.loss, num_items_fn=task.num_items, num_tokens_fn=task.num_tokens,
                 eval_fn=task.eval_step, metrics_fn=task.compute_metrics, eval_loader=eval_loader,
-                predict_loader=predict_loader, scheduler=scheduler_factory(cfg),
-                export=export_policy(tokenizer, output_dir=cfg.output_dir, merge_lora=cfg.lora.merge),
-                run_config=to_dict(cfg))
+                predict_loader=predict_loader, scheduler=scheduler_factory(cfg, acc),
+                export=export_policy(tokenizer, output_dir=cfg.output_dir, merge_lora=wants_merge(cfg)),
+                run_config=to_dict(cfg), resume=resume, events=run_events(cfg, planned.repo_id))
     return loop, task
 
 
@@ -302,68 +343,76 @@ def export_policy(tokenizer, output_dir: str, merge_lora: bool):
     return write
 
 
-def push_checkpoints_as_saved(loop, cfg, repo_id: str | None) -> list:
-    """hub_strategy=checkpoint / all_checkpoints: on the main process, each complete checkpoint
-    is uploaded right after it is saved (the loop calls `loop.save_checkpoint()`; this wraps it
-    on this one object). The upload is not left running in the background: retention
-    (save_total_limit) may delete that folder at the next save. Returns the list of commits."""
-    pending: list = []
-    if not repo_id or cfg.hub_strategy not in ("checkpoint", "all_checkpoints") or \
-            not loop.accelerator.is_main_process:
-        return pending
-    from notrainer.observability import hub
+class PushCheckpoints:
+    """Loop event for hub_strategy=checkpoint / all_checkpoints: on the main process, each
+    complete checkpoint is uploaded right after it is saved. The upload is not left running in
+    the background: retention (save_total_limit) may delete that folder at the next save."""
 
-    save, token, repo = loop.save_checkpoint, hub.resolve_token(cfg), {}
+    def __init__(self, cfg, repo_id: str):
+        self.cfg, self.repo_id, self.repo, self.commits = cfg, repo_id, None, []
 
-    def save_and_push() -> str:
-        path = save()
-        if "id" not in repo:
-            repo["id"] = hub.create(repo_id, private=cfg.hub_private_repo, token=token)
-        pending.append(hub.push_checkpoint(path, repo["id"], token=token, hub_strategy=cfg.hub_strategy,
-                                           run_as_future=False))
-        return path
-
-    loop.save_checkpoint = save_and_push
-    return pending
-
-
-def finish_run(loop, cfg, repo_id: str | None, pending: list | None = None) -> None:
-    """After training, on the main process: the model card (README.md), the report (plots and
-    report.html; skipped with one line without matplotlib), then the Hub upload."""
-    if not loop.accelerator.is_main_process:
-        return
-    from notrainer.observability import report
-    from notrainer.config import to_dict
-    from notrainer.observability.model_card import write_model_card
-
-    write_model_card(cfg.output_dir, to_dict(cfg), results=loop.results)
-    report.maybe_write_report(cfg.output_dir, log=loop.accelerator.print)
-    if repo_id:
+    def on_checkpoint_saved(self, loop, path: str) -> None:
+        if not loop.accelerator.is_main_process:
+            return
         from notrainer.observability import hub
-        from notrainer.engine.checkpoint import list_checkpoints
 
-        done = list_checkpoints(cfg.output_dir)
-        # Checkpoints already uploaded as they were saved are not uploaded again.
-        strategy = "end" if pending else cfg.hub_strategy
-        info = hub.push(cfg.output_dir, repo_id, private=cfg.hub_private_repo, token=hub.resolve_token(cfg),
-                        hub_strategy=strategy, last_checkpoint=done[-1] if done and not pending else None)
-        loop.accelerator.print(f"pushed to the Hub: {getattr(info, 'commit_url', info)}")
+        token = hub.resolve_token(self.cfg)
+        if self.repo is None:
+            self.repo = hub.create(self.repo_id, private=self.cfg.hub_private_repo, token=token)
+        self.commits.append(hub.push_checkpoint(path, self.repo, token=token, hub_strategy=self.cfg.hub_strategy,
+                                                run_as_future=False))
+
+
+class FinishRun:
+    """Loop event at the end of a finished run, on the main process: the model card (README.md),
+    the report (plots and report.html; skipped with one line without matplotlib), then the Hub
+    upload (checkpoints already uploaded as they were saved are not uploaded again)."""
+
+    def __init__(self, cfg, repo_id: str | None, pushed: PushCheckpoints | None = None):
+        self.cfg, self.repo_id, self.pushed = cfg, repo_id, pushed
+
+    def on_train_end(self, loop, results: dict) -> None:
+        if not loop.accelerator.is_main_process:
+            return
+        from notrainer.config import to_dict
+        from notrainer.observability import report
+        from notrainer.observability.model_card import write_model_card
+
+        cfg = self.cfg
+        write_model_card(cfg.output_dir, to_dict(cfg), results=results)
+        report.maybe_write_report(cfg.output_dir, log=loop.accelerator.print)
+        if self.repo_id:
+            from notrainer.engine.checkpoint import list_checkpoints
+            from notrainer.observability import hub
+
+            done = list_checkpoints(cfg.output_dir)
+            pending = self.pushed is not None and self.pushed.commits
+            info = hub.push(cfg.output_dir, self.repo_id, private=cfg.hub_private_repo, token=hub.resolve_token(cfg),
+                            hub_strategy="end" if pending else cfg.hub_strategy,
+                            last_checkpoint=done[-1] if done and not pending else None)
+            loop.accelerator.print(f"pushed to the Hub: {getattr(info, 'commit_url', info)}")
+
+
+def run_events(cfg, repo_id: str | None) -> list:
+    """The run-level features the CLI attaches to the loop (notrainer/engine/events.py)."""
+    pushed = PushCheckpoints(cfg, repo_id) if repo_id and cfg.hub_strategy in ("checkpoint", "all_checkpoints") \
+        else None
+    from notrainer.cli.hf_scripts import ScriptResults  # perplexity, eval_exact, ... beside our names
+
+    return [e for e in (ScriptResults(cfg.task), pushed, FinishRun(cfg, repo_id, pushed)) if e is not None]
 
 
 def run(argv: list[str] | None = None) -> dict:
     cfg, task_cls = parse_args(argv)
-    cfg.output_dir = cfg.resolved_output_dir()
-    check_output_dir(cfg)
-    from notrainer.observability.hub import check_push_to_hub
-
-    repo_id = check_push_to_hub(cfg)  # offline, no token, bad repo id: one line, before anything heavy
-    loop, task = build(cfg, task_cls)
+    loop, task = build(cfg, task_cls)  # plans the run first (then cfg is frozen)
     if cfg.do_train:
-        pending = push_checkpoints_as_saved(loop, cfg, repo_id)
-        results = loop.fit()
-        finish_run(loop, cfg, repo_id, pending)
+        results = loop.fit()  # model card, report and Hub upload are loop events (run_events)
     else:  # do_eval alone evaluates the given model
         results = loop.evaluate() if cfg.do_eval else {}
+        loop.results.update(results)
+        from notrainer.cli.hf_scripts import script_results
+
+        loop.results.update(script_results(cfg.task, loop.results))
         loop.write_results()
     if cfg.do_predict:
         from notrainer.cli.predict import write_predictions

@@ -35,6 +35,11 @@ RENAMES: dict[str, tuple[str, ...]] = {
     "lora_dropout": ("lora.dropout",),
     "lora_target_modules": ("lora.target_modules",),
     "hub_private": ("hub_private_repo",),
+    "val_max_target_length": ("generation_max_length",),  # run_summarization / run_translation
+    "train_dir": ("train_file",),  # run_image_classification: our data keys take folders
+    "validation_dir": ("validation_file",),
+    "image_column_name": ("image_column",),
+    "do_reduce_labels": ("reduce_labels",),  # run_semantic_segmentation
 }
 
 # Aliases whose value changes form, not only the name: alias -> what it sets.
@@ -72,7 +77,77 @@ def _eval_strategy(v: Any) -> list[tuple[str, Any]]:
     raise ValueError(f"eval_strategy must be steps, epoch or no, got {v!r}")
 
 
+# ---------------------------------------------------------------------- the run_*_no_trainer.py scripts
+# Their flags that are not our keys (docs/hf-scripts.md lists every argument of every script).
+
+
+def _with_tracking(v: Any) -> list[tuple[str, Any]]:
+    # The scripts track only with --with_tracking, then to report_to (default "all": every
+    # installed tracker). Our report_to is on by default; --with_tracking keeps a given report_to.
+    return [("report_to", "all")] if _truthy(v) else [("report_to", "none")]
+
+
+def _refuse_false(name: str, why: str) -> Callable[[Any], list[tuple[str, Any]]]:
+    """A flag whose true value is what notrainer always does: true is accepted, false refused."""
+    def convert(v: Any) -> list[tuple[str, Any]]:
+        if _truthy(v):
+            return []
+        raise ValueError(f"{name}=false: {why}")
+    return convert
+
+
+def _pad_to_max_length(v: Any) -> list[tuple[str, Any]]:
+    if not _truthy(v):
+        return []
+    raise ValueError("pad_to_max_length: notrainer pads each batch to its longest example (the same model, less "
+                     "compute); remove the flag (the length limit itself is max_seq_length / max_source_length)")
+
+
+def _debug(v: Any) -> list[tuple[str, Any]]:
+    # run_ner / run_swag: --debug trains and evaluates on the first 100 examples of each split
+    return [("max_train_samples", 100), ("max_eval_samples", 100)] if _truthy(v) else []
+
+
+def _offline() -> bool:
+    import os
+
+    return any(str(os.environ.get(k, "")).strip().lower() in TRUE for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
+                                                                                  "TRANSFORMERS_OFFLINE"))
+
+
+def _task_name(v: Any, keys: set[str]) -> list[tuple[str, Any]]:
+    """--task_name: run_ner's tag column (ner, pos, chunk -> <name>_tags), run_glue's GLUE task
+    (the nyu-mll/glue dataset from the Hub, as the script loads it)."""
+    name = str(v).strip().lower()
+    if "tags_column" in keys:
+        return [] if name == "ner" else [("tags_column", f"{name}_tags")]  # ner: found as ner / ner_tags
+    if "label_column" in keys:
+        if _offline():
+            raise ValueError(f"task_name={name} downloads GLUE from the Hub, which this run cannot reach (offline); "
+                             "give the task's files instead: train_file=... validation_file=... (csv/tsv/json)")
+        return [("dataset_name", "nyu-mll/glue"), ("dataset_config_name", name)]
+    raise ValueError(f"task_name={name}: only run_glue and run_ner take it (task=classification, task=token_classification)")
+
+
+#: converters that depend on the task's keys: alias -> f(value, keys)
+KEYED_CONVERTERS: dict[str, Callable[[Any, set], list[tuple[str, Any]]]] = {
+    "task_name": _task_name,
+    # "Model type to use if training from scratch": our model_class takes a registered model_type
+    "model_type": lambda v, keys: [("model_class", v)],
+    "no_keep_linebreaks": lambda v, keys: [("keep_linebreaks", "false")] if _truthy(v) else [],
+}
+
 CONVERTERS: dict[str, Callable[[Any], list[tuple[str, Any]]]] = {
+    "with_tracking": _with_tracking,
+    # transformers 5 always loads weights this way (the argument is gone from from_pretrained)
+    "low_cpu_mem_usage": lambda v: [],
+    "ignore_pad_token_for_loss": _refuse_false(
+        "ignore_pad_token_for_loss", "notrainer always leaves padding out of the loss (labels -100); remove it"),
+    "pad_to_max_length": _pad_to_max_length,
+    "debug": _debug,
+    # run_image_classification: the fraction held out (0.15) is our percentage (15)
+    "train_val_split": lambda v: [("validation_split_percentage", round(float(v) * 100))],
+
     # The Trainer's max_steps=-1 means "not set" (train num_train_epochs).
     "max_steps": lambda v: [("max_train_steps", None if str(v).strip() == "-1" else v)],
     "bf16": _precision("bf16"),
@@ -82,7 +157,7 @@ CONVERTERS: dict[str, Callable[[Any], list[tuple[str, Any]]]] = {
 }
 
 #: Every alias name, for the typo hint and the docs.
-ALIAS_NAMES = sorted(set(RENAMES) | set(CONVERTERS))
+ALIAS_NAMES = sorted(set(RENAMES) | set(CONVERTERS) | set(KEYED_CONVERTERS))
 
 
 def _target(name: str, keys: set[str]) -> str | None:
@@ -109,6 +184,11 @@ def translate(items: Iterable[tuple[str, Any]], keys: Iterable[str]) -> list[tup
             continue
         if name == "evaluation_strategy":
             name = "eval_strategy"
+        if name in KEYED_CONVERTERS:
+            last += KEYED_CONVERTERS[name](value, keys)
+            continue
+        if name == "with_tracking" and "report_to" in names:
+            continue  # --with_tracking --report_to X: tracking to X, as in the scripts
         if name in CONVERTERS:
             last += CONVERTERS[name](value)
             if name == "save_strategy" and str(value).strip().lower() == "steps" and not (

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
-from notrainer.engine.config import LoopConfig, key
+from notrainer.engine.config import Freezable, LoopConfig, key
 from notrainer.errors import check
 from notrainer.errors import did_you_mean as _did_you_mean
 
@@ -24,7 +24,7 @@ def short_task_name(task: str) -> str:
 
 
 @dataclass
-class LoraConfig:
+class LoraConfig(Freezable):
     """`lora.*`: LoRA adapters through peft. Off while `r` is 0."""
 
     r: int = key(0, "LoRA rank; 0 turns LoRA off")
@@ -58,6 +58,7 @@ class TrainConfig(LoopConfig):
     model_name_or_path: Optional[str] = key(None, "pretrained model: local folder or hub name (default: tiny random model)", "model")
     config_name: Optional[str] = key(None, "model config to train from scratch (folder or hub name)", "model")
     tokenizer_name: Optional[str] = key(None, "tokenizer folder or hub name (default: model_name_or_path, else built-in)", "model")
+    use_slow_tokenizer: bool = key(False, "load the Python (slow) tokenizer instead of the fast one (the HF scripts' flag)", "model")
     model_class: Optional[str] = key(None, "model class 'pkg.module:Class' or a registered model_type (default: the task's Auto class)", "model")
     trust_remote_code: bool = key(False, "allow model code from the hub", "model")
     ignore_mismatched_sizes: bool = key(False, "load a checkpoint whose head has another size (re-initialises it)", "model")
@@ -81,12 +82,18 @@ class TrainConfig(LoopConfig):
     validation_split_percentage: int = key(5, "percent of train held out when there is no validation data", "data")
     max_train_samples: Optional[int] = key(None, "truncate the training set (debugging)", "data")
     max_eval_samples: Optional[int] = key(None, "truncate the validation set (debugging)", "data")
+    max_predict_samples: Optional[int] = key(None, "truncate the test set of do_predict (debugging)", "data")
     preprocessing_num_workers: Optional[int] = key(None, "processes for datasets.map", "data")
     overwrite_cache: bool = key(False, "redo tokenization even if datasets has it cached", "data")
     dataloader_num_workers: int = key(0, "DataLoader worker processes", "data")
     streaming: bool = key(False, "read train_file as a stream: tokenize and pack on the fly, nothing up front "
                                  "(clm, sft; needs max_train_steps; docs/data.md)", "data")
     shuffle_buffer_size: int = key(0, "streaming: blocks (or examples) held in a seeded shuffle buffer; 0: file order", "data")
+    mixture_stop: str = key("all_exhausted", "train_file as weighted sources: when a round of the mixture ends, "
+                                             "first_exhausted or all_exhausted (small sources upsampled; docs/data.md)", "data")
+    validation_rows: Optional[int] = key(None, "streaming without validation_file: rows held out for evaluation from the "
+                                               "start of each source (default: validation_split_percentage percent of "
+                                               "its first 1000 rows)", "data")
 
     # --- optimisation
     per_device_train_batch_size: int = key(8, "micro-batch size per process", "optim")
@@ -96,8 +103,9 @@ class TrainConfig(LoopConfig):
     adam_beta1: float = key(0.9, "AdamW beta1", "optim")
     adam_beta2: float = key(0.999, "AdamW beta2", "optim")
     adam_epsilon: float = key(1e-8, "AdamW epsilon", "optim")
-    optim: str = key("adamw_torch", "adamw_torch, adamw_torch_fused, adafactor, sgd, adamw_8bit, paged_adamw_8bit "
-                     "(the Trainer's names; see notrainer/modeling/optim.py)", "optim")
+    optim: Optional[str] = key(None, "adamw_torch, adamw_torch_fused, adafactor, sgd, adamw_8bit, paged_adamw_8bit (the "
+                                     "Trainer's names), deepspeed_cpu_adam, deepspeed_fused_adam; default adamw_torch, "
+                                     "or deepspeed_cpu_adam under ZeRO optimizer offload (notrainer/modeling/optim.py)", "optim")
     optim_args: Optional[str] = key(None, "extra optimizer arguments, \"k=v,k=v\" (e.g. momentum=0.9)", "optim")
     lr_scheduler_type: str = key("linear", "linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, ...", "optim")
     num_warmup_steps: int = key(0, "warmup optimizer steps", "optim")
@@ -118,6 +126,10 @@ class TrainConfig(LoopConfig):
 
     # --- optional features
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapters (lora.r, lora.alpha, ...)", "group": "lora"})
+    peft: Dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "any peft method: peft.method=lora|loha|lokr|ia3|prefix_tuning|prompt_tuning|p_tuning, peft.merge=true, "
+                "and that method's peft config fields (peft.num_virtual_tokens=20, peft.r=8, ...; docs/peft.md)",
+        "group": "lora"})
 
     def resolved_output_dir(self) -> str:
         return self.output_dir or os.path.join("runs", short_task_name(self.task))
@@ -141,6 +153,9 @@ class TrainConfig(LoopConfig):
                                 "evaluation: set do_eval=true")
         check(0 <= self.validation_split_percentage < 100, "validation_split_percentage must be in [0, 100)")
         check(self.shuffle_buffer_size >= 0, "shuffle_buffer_size must be >= 0")
+        check(self.mixture_stop in ("first_exhausted", "all_exhausted"),
+              f"mixture_stop must be first_exhausted or all_exhausted, got {self.mixture_stop!r}")
+        check(self.validation_rows is None or self.validation_rows >= 0, "validation_rows must be >= 0")
         if self.streaming and self.do_train:  # a stream has no length: the run's length must be given
             check(self.max_train_steps is not None, "streaming=true needs max_train_steps=N (a stream has no length "
                                                     "to count epochs in)")
@@ -151,14 +166,17 @@ class TrainConfig(LoopConfig):
               f"lr_scheduler_type {self.lr_scheduler_type!r} is unknown{_did_you_mean(self.lr_scheduler_type, names)}; "
               f"choose one of {', '.join(names)}")
         check(self.lora.r >= 0, "lora.r must be >= 0")
+        from notrainer.modeling.peft_methods import check_peft
+
+        check_peft(self)  # peft.method, its pass-through keys (did-you-mean) and values
         from notrainer.modeling.loading import check_loading
 
         check_loading(self)  # torch_dtype, attn_implementation, quantization: what this install can serve
-        from notrainer.data.files import resolve_files, split_format
+        from notrainer.data.mixture import check_data_spec
 
         for name in ("train_file", "validation_file", "test_file"):
-            if getattr(self, name):  # a file, glob, folder or list: each must match, one format per split
-                split_format(resolve_files(getattr(self, name), name), name)
+            if getattr(self, name):  # a file, glob, folder or list (or weighted sources): each must match,
+                check_data_spec(getattr(self, name), name)  # one format per split (per source)
         if self.do_predict:
             check(self.test_file is not None or self.dataset_name is not None,
                   "do_predict=true needs test_file=... (the data to predict on)")

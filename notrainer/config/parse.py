@@ -104,12 +104,15 @@ def requested_task(pairs: list[str], file_cfg) -> str:
 
 
 def make_config(config_cls: type, pairs: list[str], file_cfg, task_name: str,
-                embedded_defaults: dict | None = None):
+                embedded_defaults: dict | None = None, data_length_keys=()):
     """Merge defaults < YAML file < key=value pairs into `config_cls`, then validate.
 
     The embedded default (no model given) trains a tiny model from scratch, which wants other
     settings than fine-tuning (a higher learning rate, more epochs): `embedded_defaults` supplies
-    them, and anything the user set explicitly wins."""
+    them, and anything the user set explicitly wins. With the user's own data (a data file or
+    dataset_name), the keys in `data_length_keys` (lengths that cut the user's examples: QA's
+    max_seq_length and doc_stride, seq2seq's source/target lengths) keep their own defaults,
+    which are the HF scripts'. What the embedded defaults change is said in one line (stdout)."""
     schema = OmegaConf.structured(config_cls)
     pairs, file_cfg = _translate_aliases(pairs, file_cfg, config_cls)  # max_steps=, bf16=, ... (aliases.py)
     try:
@@ -118,12 +121,20 @@ def make_config(config_cls: type, pairs: list[str], file_cfg, task_name: str,
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise UsageError(_explain(e, config_cls)) from None
+    changed = []
     if cfg.model_name_or_path is None and cfg.config_name is None:
         given_keys = {p.split("=", 1)[0] for p in pairs} | set(OmegaConf.to_container(file_cfg).keys())
+        user_data = bool(cfg.train_file or cfg.validation_file or cfg.test_file or cfg.dataset_name)
         for name, value in (embedded_defaults or {}).items():
-            if name not in given_keys:
-                setattr(cfg, name, value)
+            if name in given_keys or (user_data and name in data_length_keys):
+                continue
+            if getattr(cfg, name, None) != value:
+                changed.append(f"{name}={value}")
+            setattr(cfg, name, value)
     cfg.validate()
+    if changed and str(os.environ.get("RANK", "0")) == "0":
+        print(f"notrainer: no model_name_or_path, so the tiny built-in model trains with {', '.join(changed)} "
+              "(give any of these keys to set it; with a model the usual defaults apply)", flush=True)
     return cfg
 
 

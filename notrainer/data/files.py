@@ -148,6 +148,41 @@ def open_maybe_compressed(path: str, mode: str = "rb"):
     return open(path, mode)
 
 
+def check_compressed(path: str) -> str | None:
+    """Why a compressed file is unreadable (cut off mid-file, corrupt), or None. zstd and lz4
+    readers return what they decoded so far at a cut without complaint; their end-of-stream
+    mark is checked here. gzip, bz2 and xz readers raise at a cut (EOFError) on their own."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".zst", ".lz4"):
+        return None
+    try:
+        if ext == ".zst":
+            import zstandard
+
+            def new_stream():
+                return zstandard.ZstdDecompressor().decompressobj()
+        else:
+            import lz4.frame
+
+            new_stream = lz4.frame.LZ4FrameDecompressor
+        stream = new_stream()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                while chunk:
+                    if stream.eof:  # zstd and lz4 allow several frames one after the other
+                        stream = new_stream()
+                    stream.decompress(chunk)
+                    chunk = stream.unused_data if stream.eof else b""
+    except ImportError:
+        return None  # datasets reports the missing package
+    except Exception as e:  # noqa: BLE001 - any decoder error means a corrupt file
+        return f"is corrupt: the {COMPRESSIONS[ext]} data cannot be decoded ({first_line(e)}); re-create or re-download it"
+    if not stream.eof:
+        return (f"is truncated: the {COMPRESSIONS[ext]} stream ends before its end mark (the file was cut off "
+                "mid-write or mid-download); re-create or re-download it")
+    return None
+
+
 def check_csv_rows(path: str, kwargs: dict) -> None:
     """A row with fewer fields than the header becomes None cells that fail far away (in a
     float() of the label); name the file and line here instead."""
@@ -183,6 +218,9 @@ def find_bad_place(path: str, builder: str) -> str | None:
     """'line N: what is wrong' / 'byte N (line M): ...' for the first problem in `path`, or None."""
     import json
 
+    broken = check_compressed(path)
+    if broken:
+        return broken
     try:
         with open_maybe_compressed(path) as f:
             data = f.read()
@@ -254,6 +292,11 @@ def reads_text_files(cfg) -> bool:
     if getattr(cfg, "dataset_name", None):
         return False
     spec = getattr(cfg, "train_file", None) or getattr(cfg, "validation_file", None)
+    from notrainer.data.mixture import parse_mixture
+
+    sources = parse_mixture(spec)
+    if sources:  # a mixture: each source is judged on its own (CLM: per source, see tasks/clm.py)
+        spec = sources[0].path
     return bool(spec) and split_format(resolve_files(spec))[0] == "text"
 
 
@@ -273,21 +316,30 @@ def open_train_stream(cfg):
 
 def load_streaming_raw(cfg):
     """streaming=true: the raw splits without reading the corpus. "train" is only the first
-    STREAM_SAMPLE_ROWS rows of the stream (the built-in tokenizer is trained on them, columns
-    and formats are checked on them; training reads the stream itself); validation and test
-    files are small and loaded whole. There is no held-out split of a stream: without
-    validation_file the run does not evaluate."""
+    STREAM_SAMPLE_ROWS rows of the stream (of each source of a mixture: the built-in tokenizer
+    is trained on them, columns and formats are checked on them; training reads the stream
+    itself); validation and test files are small and loaded whole. Without validation_file,
+    the first rows of each source are held out for evaluation and never trained on
+    (`notrainer.data.mixture.validation_rows`)."""
     import datasets
-    from itertools import islice
 
-    stream = open_train_stream(cfg)
-    try:
-        rows = list(islice(iter(stream), STREAM_SAMPLE_ROWS))
-    except Exception as e:  # a first shard that cannot be read: named, before anything is built
+    from notrainer.data import mixture
 
-        raise UsageError(shard_error(resolve_files(cfg.train_file) if cfg.train_file else [], e)) from None
-    check(bool(rows), "the training stream is empty")
+    sources = mixture.parse_mixture(cfg.train_file)
+    paths = [s.path for s in sources] if sources else [cfg.train_file]
+    samples = []
+    for stream, path in zip(mixture.source_streams(cfg), paths):
+        rows = mixture.first_rows(stream, STREAM_SAMPLE_ROWS, path)
+        check(bool(rows), f"the training stream is empty{f' (train_file={path})' if sources else ''}")
+        samples.append(rows)
+    if sources:
+        mixture.check_columns([list(rows[0]) for rows in samples], sources)
+        mixture.note(mixture.normalized_weights(sources)[1])
+    rows = [r for part in samples for r in part]
     raw = {"train": datasets.Dataset.from_list(rows)}
+    held = mixture.validation_rows(cfg)
+    if held:  # the first rows of each source (never trained on: the stream skips them)
+        raw["validation"] = datasets.Dataset.from_list([r for part in samples for r in part[:held]])
     files = {k: v for k, v in (("validation", cfg.validation_file if cfg.do_eval else None),
                                ("test", cfg.test_file)) if v}
     if files:
@@ -297,11 +349,93 @@ def load_streaming_raw(cfg):
     return datasets.DatasetDict(raw)
 
 
-def load_raw_datasets(cfg, builtin: Callable[[], "object"] | None = None, field: str | None = None):
+# ---------------------------------------------------------------------- column values
+
+#: config keys that name a column of text: every row of it must be a string. A key left unset
+#: (None) stands for the column named in the second element when the data has it.
+TEXT_COLUMN_KEYS = (("text_column", "text"), ("text_pair_column", None), ("question_column", None),
+                    ("context_column", None), ("summary_column", None), ("prompt_column", None),
+                    ("response_column", None))
+#: the label column when `label_column` is unset (the classification task's candidates)
+LABEL_COLUMNS = ("label", "labels")
+
+
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "list", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _show(value) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def text_and_label_columns(cfg) -> tuple[list[str], list[str]]:
+    """The columns a task reads as text and as labels, from its config keys."""
+    texts = [getattr(cfg, k) or default for k, default in TEXT_COLUMN_KEYS if hasattr(cfg, k)]
+    labels = []
+    if hasattr(cfg, "label_column"):
+        labels = [cfg.label_column] if cfg.label_column else list(LABEL_COLUMNS)
+    return [c for c in texts if c], labels
+
+
+def check_column_values(ds, where: str, texts=(), labels=()) -> None:
+    """Refuse, in one line naming `where` (the file), the row and the value: a text column with
+    a row that is not a string (null, a number, a list), and a label column that mixes types
+    (`"pos"` and `1`: `datasets` keeps them apart as a `Json` column, which would silently
+    make "1" and 1 two classes). Rows are counted from 1 in file order (a JSON-lines file's
+    line numbers when it has no blank lines). Costs a null count per text column unless a
+    value is wrong."""
+    from datasets import Json
+
+    for column in texts:
+        if column not in ds.column_names:
+            continue
+        if getattr(ds.features[column], "dtype", None) in ("string", "large_string"):
+            import pyarrow.compute as pc
+
+            values = ds.with_format("arrow")[column]
+            if values.null_count == 0:
+                continue
+            i = pc.index(pc.is_null(values), True).as_py()
+            raise UsageError(f"{where} row {i + 1}: {column!r} is null; every row needs a text in it "
+                             "(fill the row or drop it)")
+        for i, value in enumerate(ds[column]):
+            if not isinstance(value, str):
+                what = "null" if value is None else f"{_show(value)} (a {_kind(value)}), not a text"
+                raise UsageError(f"{where} row {i + 1}: {column!r} is {what}; every row needs a string in it "
+                                 "(quote it, or fill or drop the row)")
+    for column in labels:
+        if column not in ds.column_names or not isinstance(ds.features[column], Json):
+            continue  # one arrow type: the column is consistent
+        first: dict[str, tuple[int, object]] = {}
+        for i, value in enumerate(ds[column]):
+            if value is None:
+                continue
+            first.setdefault(_kind(value), (i, value))
+            if len(first) > 1:
+                (ka, (ia, va)), (kb, (ib, vb)) = first.items()
+                raise UsageError(f"{where}: {column!r} mixes {ka}s and {kb}s (row {ia + 1}: {_show(va)}, row {ib + 1}: "
+                                 f"{_show(vb)}); write every label the same way (e.g. all as strings)")
+
+
+def _where(cfg, split: str, from_files: bool) -> str:
+    if not from_files:
+        return f"dataset_name={cfg.dataset_name} ({split} split)" if cfg.dataset_name else f"the built-in {split} data"
+    key_name = {"train": "train_file", "validation": "validation_file", "test": "test_file"}.get(split, split)
+    value = getattr(cfg, key_name, None)
+    return f"{key_name}={value if isinstance(value, str) else ','.join(map(str, value or []))}"
+
+
+def load_raw_datasets(cfg, builtin: Callable[[], "object"] | None = None, field: str | None = None,
+                      check_rows: Callable | None = None):
     """Train/validation (and test) splits as a `datasets.DatasetDict`.
 
     Order of precedence: `dataset_name` (hub), then `train_file`/`validation_file`/`test_file`,
-    then the task's built-in data. Without validation data, `validation_split_percentage` of
+    then the task's built-in data. Text and label columns are checked (`check_column_values`). Without validation data, `validation_split_percentage` of
     the training set is held out (seeded, so every run and every rank holds out the same rows).
     With streaming=true, see `load_streaming_raw`.
     """
@@ -314,12 +448,27 @@ def load_raw_datasets(cfg, builtin: Callable[[], "object"] | None = None, field:
     elif cfg.train_file or cfg.validation_file or cfg.test_file:
         files = {k: v for k, v in (("train", cfg.train_file), ("validation", cfg.validation_file),
                                    ("test", cfg.test_file)) if v}
-        raw = load_files(files, keep_linebreaks=keeps_linebreaks(cfg))
+        from notrainer.data import mixture
+
+        mixed = mixture.is_mixture(cfg.train_file)
+        raw = load_files({k: v for k, v in files.items() if not (mixed and k == "train")},
+                         keep_linebreaks=keeps_linebreaks(cfg)) if len(files) > mixed else {}
+        if mixed:  # several weighted sources, interleaved row by row (datasets.interleave_datasets)
+            raw = {"train": mixture.load_map_style(cfg), **raw}
     else:
         check(builtin is not None, "no data: give train_file=... (or dataset_name=...)")
         raw = builtin()
 
     raw = datasets.DatasetDict(raw)
+    # Column values are checked in file order, before a validation split is held out, so the
+    # rows named are the file's; `check_rows(ds, where)` adds a task's own checks (chat roles).
+    texts, labels = text_and_label_columns(cfg)
+    from_files = not cfg.dataset_name and bool(cfg.train_file or cfg.validation_file or cfg.test_file)
+    for name, ds in raw.items():
+        where = _where(cfg, name, from_files)
+        check_column_values(ds, where, texts=texts, labels=labels)
+        if check_rows is not None:
+            check_rows(ds, where)
     if "train" in raw and "validation" not in raw and cfg.do_eval and cfg.validation_split_percentage > 0:
         n = len(raw["train"])
         check(n - math.ceil(n * cfg.validation_split_percentage / 100) >= 1,
@@ -333,6 +482,8 @@ def load_raw_datasets(cfg, builtin: Callable[[], "object"] | None = None, field:
         raw["train"] = raw["train"].select(range(min(cfg.max_train_samples, len(raw["train"]))))
     if cfg.max_eval_samples and "validation" in raw:
         raw["validation"] = raw["validation"].select(range(min(cfg.max_eval_samples, len(raw["validation"]))))
+    if getattr(cfg, "max_predict_samples", None) and "test" in raw:
+        raw["test"] = raw["test"].select(range(min(cfg.max_predict_samples, len(raw["test"]))))
     return raw
 
 

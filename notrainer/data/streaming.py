@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import random
 from itertools import chain
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
 
 from notrainer.data.files import load_files, resolve_files, shard_error, split_format
+from notrainer.data.mixture import SOURCE_KEY, held_out_keep
 from notrainer.errors import UsageError, check
 
 Batch = dict[str, list]  # a `datasets.map`-style batch: column -> values
@@ -87,6 +89,10 @@ class PackedStream(torch.utils.data.IterableDataset):
         self.make_source, self.steps, self.seed = make_source, steps, seed
         self.buffer_size, self.group_size, self.rank, self.keep = shuffle_buffer_size, group_size, rank, keep
         self.epochs = epochs  # None: endless (training); 1: one pass (evaluation on a validation stream)
+        # how DataLoader workers share the source: "files" (whole files; a worker beyond the file
+        # count gets none) or "rows" (whole files when they divide evenly, else every n-th row)
+        self.worker_split = "files"
+        self.rows_read = 0  # source rows read by this object (a resume re-reads at most one group)
         self._resume: Optional[dict] = None
         self._state: Optional[dict] = None
 
@@ -120,6 +126,10 @@ class PackedStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         if info is None or info.num_workers == 1:
             return source
+        if self.worker_split == "rows":
+            from datasets.distributed import split_dataset_by_node
+
+            return split_dataset_by_node(source, rank=info.id, world_size=info.num_workers)
         n = min(info.num_workers, source.num_shards)
         return source.shard(num_shards=n, index=info.id, contiguous=False) if info.id < n else None
 
@@ -151,6 +161,7 @@ class PackedStream(torch.utils.data.IterableDataset):
                 # a generator's state is live once it runs: after this batch, before the next
                 before, after = after, source.state_dict()
                 n = len(next(iter(batch.values()))) if batch else 0
+                self.rows_read += n
                 kept = self.keep(batch) if self.keep is not None else None
                 rows = [i for i in range(skip, n) if kept is None or kept[i]]
                 skip = 0
@@ -260,47 +271,119 @@ def stream_source(files=None, *, dataset=None, rank: int = 0, world_size: int = 
 def build_stream(files, tokenizer, block_size: int, rank: int = 0, world_size: int = 1, seed: int = 42,
                  shuffle_buffer_size: int = 0, *, text_column: str = "text", add_eos: bool = True,
                  keep_linebreaks: bool = True, dataset=None, group_size: int = 1000,
-                 epochs: Optional[int] = None) -> PackedStream:
+                 epochs: Optional[int] = None, held_out: Optional[frozenset] = None) -> PackedStream:
     """CLM blocks from `files` (or a streaming hub `dataset`), packed as the map-style path packs.
     Endless by default (training runs for max_train_steps); `epochs=1` for an evaluation pass."""
     source = stream_source(files, dataset=dataset, rank=rank, world_size=world_size, keep_linebreaks=keep_linebreaks)
     return PackedStream(source, clm_steps(tokenizer, block_size, text_column, add_eos), seed=seed,
                         shuffle_buffer_size=shuffle_buffer_size, group_size=group_size, rank=rank,
-                        keep=lambda batch: [t is not None for t in batch[text_column]], epochs=epochs)
+                        keep=held_out_keep(held_out, lambda batch: [t is not None for t in batch[text_column]]),
+                        epochs=epochs)
 
 
 def build_example_stream(files, encode: Step, rank: int = 0, world_size: int = 1, seed: int = 42,
                          shuffle_buffer_size: int = 0, *, dataset=None, keep_linebreaks: bool = True,
-                         group_size: int = 1000, epochs: Optional[int] = None) -> PackedStream:
+                         group_size: int = 1000, epochs: Optional[int] = None,
+                         held_out: Optional[frozenset] = None) -> PackedStream:
     """One tokenized example per item, through the task's own batched `encode` (SFT: input_ids
     and labels with the prompt masked). Packing is the collator's job, as in the map-style path:
     DataCollatorWithFlattening restarts position_ids at each example, so packed examples never
     attend to each other."""
     source = stream_source(files, dataset=dataset, rank=rank, world_size=world_size, keep_linebreaks=keep_linebreaks)
     return PackedStream(source, [encode], seed=seed, shuffle_buffer_size=shuffle_buffer_size,
-                        group_size=group_size, rank=rank, epochs=epochs)
+                        group_size=group_size, rank=rank, epochs=epochs, keep=held_out_keep(held_out))
 
 
 def stream_loader(stream: PackedStream, batch_size: int, collate_fn=None, num_workers: int = 0, **kwargs):
     """A DataLoader whose `state_dict()` is the exact data position (torchdata's
     StatefulDataLoader keeps one stream state per worker, and which worker is next)."""
+    names = getattr(stream, "source_names", None)  # a mixture: examples and tokens counted per source
+    if names:
+        collate_fn = _counting_collate(collate_fn, len(names))
     try:
         from torchdata.stateful_dataloader import StatefulDataLoader
     except ImportError:
         if num_workers:
             raise UsageError("streaming with dataloader_num_workers>0 needs torchdata for an exact resume position "
                              "(pip install torchdata), or set dataloader_num_workers=0") from None
-        return _PlainStatefulLoader(stream, batch_size, collate_fn)
+        loader = _PlainStatefulLoader(stream, batch_size, collate_fn)
+        loader._source_counts = [0] * (2 * len(names)) if names else None
+        return loader
 
-    class StreamLoader(StatefulDataLoader):
+    class StreamLoader(_SourceCounts, StatefulDataLoader):
         def __iter__(self):
-            return _one_line_errors(super().__iter__())
+            return self._count(_one_line_errors(super().__iter__()))
 
     # Workers send their stream's state with every n-th batch; the state holds the shuffle
     # buffer, so with one it is sent every 64 batches (a resume replays at most 63 batches
     # from it: the position stays exact).
     kwargs.setdefault("snapshot_every_n_steps", 64 if stream.buffer_size else 1)
-    return StreamLoader(stream, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers, **kwargs)
+    loader = StreamLoader(stream, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers, **kwargs)
+    loader._source_counts = [0] * (2 * len(names)) if names else None
+    return loader
+
+
+#: the batch key the counting collator adds: (2, sources) int64, examples and tokens per source
+COUNTS_KEY = "_notrainer_source_counts"
+
+
+def _counting_collate(collate_fn, n_sources: int):
+    """Takes each row's source index off before `collate_fn` and adds the batch's examples and
+    tokens per source as one small tensor (taken off again by the loader, in the main process)."""
+    from torch.utils.data import default_collate
+
+    inner = collate_fn or default_collate
+
+    def collate(rows):
+        counts = torch.zeros(2, n_sources, dtype=torch.int64)
+        plain = []
+        for row in rows:
+            row = dict(row)
+            i = row.pop(SOURCE_KEY)
+            counts[0, i] += 1
+            counts[1, i] += len(row["input_ids"]) if "input_ids" in row else 0
+            plain.append(row)
+        batch = inner(plain)
+        batch[COUNTS_KEY] = counts
+        return batch
+
+    return collate
+
+
+class _SourceCounts:
+    """Examples and tokens per source of a mixture, counted from the batches handed out; part
+    of the loader's state (a resumed run continues the counts)."""
+
+    _source_counts: Optional[list] = None
+
+    def _count(self, iterator):
+        for batch in iterator:
+            counts = batch.pop(COUNTS_KEY, None) if isinstance(batch, Mapping) else None
+            if counts is not None and self._source_counts is not None:
+                for j, v in enumerate(counts.flatten().tolist()):
+                    self._source_counts[j] += v
+            yield batch
+
+    def counters(self) -> dict:
+        """{"source_<i>_examples": n, "source_<i>_tokens": n}, this process's (the loop sums ranks)."""
+        c = self._source_counts
+        if not c:
+            return {}
+        n = len(c) // 2
+        return {**{f"source_{i}_examples": c[i] for i in range(n)}, **{f"source_{i}_tokens": c[n + i] for i in range(n)}}
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self._source_counts is not None:
+            state = {**state, "source_counts": list(self._source_counts)}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        counts = state.pop("source_counts", None)
+        if counts is not None and self._source_counts is not None:
+            self._source_counts = list(counts)
+        super().load_state_dict(state)
 
 
 def _one_line_errors(iterator):
@@ -320,7 +403,7 @@ def _one_line_errors(iterator):
         yield batch
 
 
-class _PlainStatefulLoader(torch.utils.data.DataLoader):
+class _PlainStatefulBase(torch.utils.data.DataLoader):
     """Without torchdata and without workers the stream's own state is the loader's position."""
 
     def __init__(self, stream, batch_size, collate_fn):
@@ -331,6 +414,11 @@ class _PlainStatefulLoader(torch.utils.data.DataLoader):
 
     def load_state_dict(self, state: dict) -> None:
         self.dataset.load_state_dict(state["stream"])
+
+
+class _PlainStatefulLoader(_SourceCounts, _PlainStatefulBase):
+    def __iter__(self):
+        return self._count(super().__iter__())
 
 
 def take(iterable: Iterable, n: int) -> list:

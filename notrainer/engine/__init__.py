@@ -1,6 +1,7 @@
 """The engine: the training loop and what it owns.
 
-`loop.py` (the `Loop`), `config.py` (`LoopConfig`), `state.py` (the counters a checkpoint
+`loop.py` (the `Loop`; its helpers `accelerator.py` make_accelerator, `prepare.py`,
+`batches.py`, `step.py`, `logging_window.py`, `evaluation.py`, `events.py`), `config.py` (`LoopConfig`), `state.py` (the counters a checkpoint
 saves), `checkpoint.py` (atomic save, load, retention, export), `elastic.py` (resume on another
 process count), `guards.py` (non-finite steps, divergence), `preemption.py` (SIGTERM/SIGUSR1),
 `processes.py` (rank helpers, teardown), `batch.py` (batches as mappings).

@@ -19,6 +19,8 @@ one is used. Retention (`save_total_limit`) keeps the newest N and always the be
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import math
 import os
@@ -75,6 +77,25 @@ def list_checkpoints(output_dir: str) -> list[str]:
     return [p for _, p in sorted(found)]
 
 
+def check_run_folder(output_dir: str, key_name: str = "output_dir") -> None:
+    """output_dir (and the folders a run makes in it) can be made and written: a path that is
+    an existing file, under a file, or in a folder without write permission is one line here,
+    before anything heavy, instead of a FileExistsError from os.makedirs at the first save."""
+    for path in (output_dir, checkpoint_root(output_dir), os.path.join(output_dir, "logs")):
+        if os.path.exists(path) and not os.path.isdir(path):
+            what = "output_dir" if path == output_dir else f"{os.path.basename(path)}/ in output_dir"
+            raise UsageError(f"{key_name}={output_dir}: {what} is an existing file, not a folder; "
+                             "pick another output_dir or move the file away")
+    parent = os.path.abspath(output_dir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"{key_name}={output_dir}: {parent} is a file, so no folder can be made under it; "
+                         "pick another output_dir")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{key_name}={output_dir}: {parent} is not writable; pick another output_dir")
+
+
 # ---------------------------------------------------------------------- saving
 
 
@@ -98,15 +119,24 @@ def save(acc, state: RunState, output_dir: str, *, save_total_limit: int | None 
             if name.startswith((".tmp-", ".old-")):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     acc.wait_for_everyone()
-    acc.save_state(tmp)
-    state.data_rng.save(tmp, acc.process_index)
-    save_loader_state(tmp, acc.process_index, state.loader_state)  # inside tmp: the rename covers it
-    acc.wait_for_everyone()  # every rank has written its part
+    try:
+        acc.save_state(tmp)
+        state.data_rng.save(tmp, acc.process_index)
+        save_loader_state(tmp, acc.process_index, state.loader_state)  # inside tmp: the rename covers it
+        acc.wait_for_everyone()  # every rank has written its part
+        if acc.is_main_process:
+            write_json(os.path.join(tmp, STATE_FILE), snapshot)
+            _write_config(os.path.join(tmp, CONFIG_FILE), run_config)
+            # The COMPLETE mark comes last and lists every file with its size: resume checks it.
+            write_json(os.path.join(tmp, COMPLETE_MARK), {"step": step, "files": _file_sizes(tmp)})
+    except OSError as e:
+        if e.errno not in _DISK_FULL:
+            raise
+        # The half-written folder never carries a step_<N> name; it is removed to give the space
+        # back. Nothing older was touched: retention only runs after a complete save.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DiskFull(_disk_full_message(root, final, output_dir, e)) from None
     if acc.is_main_process:
-        write_json(os.path.join(tmp, STATE_FILE), snapshot)
-        _write_config(os.path.join(tmp, CONFIG_FILE), run_config)
-        # The COMPLETE mark comes last and lists every file with its size: resume checks it.
-        write_json(os.path.join(tmp, COMPLETE_MARK), {"step": step, "files": _file_sizes(tmp)})
         if os.path.exists(final):  # same step saved again with a newer state (epoch end)
             old = os.path.join(root, f".old-step_{step}")
             os.replace(final, old)
@@ -121,6 +151,30 @@ def save(acc, state: RunState, output_dir: str, *, save_total_limit: int | None 
     state.last_checkpoint_time = time.monotonic()
     acc.print(f"checkpoint saved: {final}")
     return final
+
+
+#: errors of a write that ran out of room: no space, over quota, over the file size limit (ulimit -f)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class DiskFull(UsageError):
+    """A checkpoint could not be written for lack of space (the CLI prints it in one line, exit
+    status 2). The previous checkpoint is complete and resumable; every rank says it, since
+    each may be the one that ran out."""
+
+    every_rank = True
+
+
+def _disk_full_message(root: str, final: str, output_dir: str, error: OSError) -> str:
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    done = list_checkpoints(output_dir)
+    previous = f"the last complete checkpoint {done[-1]} is intact (resume_from_checkpoint=auto continues from it)" \
+        if done else "no earlier checkpoint exists"
+    return (f"checkpoint {final} could not be written in {root}: {os.strerror(error.errno).lower()} ({free}); "
+            f"{previous}; free some space or set output_dir on a larger disk")
 
 
 def _write_config(path: str, config: dict) -> None:
@@ -191,23 +245,28 @@ def _apply_retention(output_dir: str, step: int, limit: int | None, best_step: i
 def verify(path: str) -> str | None:
     """Why the checkpoint at `path` cannot be resumed, or None when it looks whole: every file
     the COMPLETE mark lists is there with its size, and the small files parse."""
+    return _verify(path)[0]
+
+
+def _verify(path: str) -> tuple[str | None, dict | None]:
+    """(why it cannot be resumed or None, the loop's counters as read while checking)."""
     if not is_complete(path):
-        return f"no {COMPLETE_MARK} mark"
+        return f"no {COMPLETE_MARK} mark", None
     try:
         with open(os.path.join(path, COMPLETE_MARK)) as f:
             manifest = json.load(f)
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError):
-        return f"{COMPLETE_MARK} mark is unreadable"
+        return f"{COMPLETE_MARK} mark is unreadable", None
     for rel, size in files.items():
         full = os.path.join(path, rel)
         if not os.path.isfile(full):
-            return f"{rel} is missing"
+            return f"{rel} is missing", None
         if os.path.getsize(full) != size:
-            return f"{rel} has {os.path.getsize(full)} bytes, {size} were written"
+            return f"{rel} has {os.path.getsize(full)} bytes, {size} were written", None
     try:
         with open(os.path.join(path, STATE_FILE)) as f:
-            json.load(f)
+            counters = json.load(f)
         if os.path.isfile(os.path.join(path, MODEL_FILE)):
             _safetensors_shapes(os.path.join(path, MODEL_FILE))
         from accelerate.utils import load as torch_load_weights_only  # weights_only=True
@@ -216,12 +275,35 @@ def verify(path: str) -> str | None:
             if name.startswith("random_states_"):
                 torch_load_weights_only(os.path.join(path, name))
     except Exception as e:  # noqa: BLE001 - any failure to parse means damaged
-        return f"cannot be read ({first_line(e)})"
-    return None
+        return f"cannot be read ({first_line(e)})", None
+    return None, counters
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePoint:
+    """A checkpoint resolved and verified once: its folder, the loop's counters read from it
+    (loop_state.json) and whether it was found by 'auto' (then a load failure falls back to the
+    previous checkpoint). `Loop(resume=...)` and `load` take it instead of reading it again."""
+
+    path: str
+    counters: dict
+    auto: bool = False
+    model_checked: bool = False  # the caller already compared its weights with the model
+
+    @property
+    def layout(self) -> dict | None:
+        return self.counters.get("layout")
 
 
 def resolve(output_dir: str, path_or_auto: str, report: Callable[[str], None] | None = None) -> str | None:
-    """The checkpoint folder to resume from.
+    """The checkpoint folder to resume from (see `find_resume`); None when 'auto' finds none."""
+    point = find_resume(output_dir, path_or_auto, report)
+    return point.path if point is not None else None
+
+
+def find_resume(output_dir: str, path_or_auto: str,
+                report: Callable[[str], None] | None = None) -> ResumePoint | None:
+    """The checkpoint to resume from, verified (its counters read once).
 
     'auto': the newest complete checkpoint in output_dir that passes `verify` (each damaged one
     is reported and skipped); None when there is none at all. A path: that folder, which must
@@ -230,9 +312,9 @@ def resolve(output_dir: str, path_or_auto: str, report: Callable[[str], None] | 
         found = list_checkpoints(output_dir)
         problems = []
         for path in reversed(found):
-            reason = verify(path)
+            reason, counters = _verify(path)
             if reason is None:
-                return path
+                return ResumePoint(path, counters, auto=True)
             problems.append(f"{os.path.basename(path)} ({reason})")
             if report:
                 report(f"checkpoint {path} is damaged: {reason}; falling back to the previous one")
@@ -246,10 +328,10 @@ def resolve(output_dir: str, path_or_auto: str, report: Callable[[str], None] | 
     if not is_complete(path):
         raise UsageError(f"resume_from_checkpoint={path}: not a complete notrainer checkpoint "
                          f"(no {COMPLETE_MARK} mark); pick a checkpoints/step_<N> folder")
-    reason = verify(path)
+    reason, counters = _verify(path)
     if reason is not None:
         raise UsageError(f"resume_from_checkpoint={path}: the checkpoint is damaged ({reason}); pick an older one")
-    return path
+    return ResumePoint(path, counters)
 
 
 def check_task(path: str, task: str) -> None:
@@ -294,22 +376,26 @@ def _safetensors_shapes(file: str) -> dict[str, tuple]:
 # ---------------------------------------------------------------------- resuming
 
 
-def load(acc, model, state: RunState, output_dir: str, path_or_auto: str) -> None:
+def load(acc, model, state: RunState, output_dir: str, path_or_auto: str | ResumePoint | None) -> None:
     """Restore everything a checkpoint holds into the prepared objects and `state` (in place).
-    With 'auto', a checkpoint that fails to load (all ranks agree on that) is reported in one
-    line and the previous one is tried. `model` is the prepared (wrapped) model."""
+    `path_or_auto`: 'auto', a folder, or a ResumePoint already resolved (its files are not read
+    again); None: nothing to resume ('auto' found no checkpoint). With 'auto', a checkpoint that
+    fails to load (all ranks agree on that) is reported in one line and the previous one is
+    tried. `model` is the prepared (wrapped) model."""
     import torch
 
-    path = resolve(output_dir, path_or_auto, report=acc.print)
-    if path is None:
+    point = path_or_auto if isinstance(path_or_auto, ResumePoint) or path_or_auto is None else \
+        find_resume(output_dir, path_or_auto, report=acc.print)
+    if point is None:
         acc.print(f"resume_from_checkpoint=auto: no checkpoint in {checkpoint_root(output_dir)}, starting fresh")
         return
-    candidates = [path]
-    if path_or_auto == "auto":
-        candidates += [p for p in reversed(list_checkpoints(output_dir)) if step_of(p) < step_of(path)]
+    candidates = [point.path]
+    if point.auto:
+        candidates += [p for p in reversed(list_checkpoints(output_dir)) if step_of(p) < step_of(point.path)]
     unwrapped = acc.unwrap_model(model)
     for i, path in enumerate(candidates):
-        check_model(path, unwrapped)
+        if i or not point.model_checked:
+            check_model(path, unwrapped)
         error = None
         try:
             acc.load_state(path)
@@ -320,14 +406,17 @@ def load(acc, model, state: RunState, output_dir: str, path_or_auto: str) -> Non
             failed = acc.reduce(failed, reduction="sum")
         if failed.item() == 0:
             break
-        if path_or_auto != "auto" or i == len(candidates) - 1:
+        if not point.auto or i == len(candidates) - 1:
             raise UsageError(f"resume_from_checkpoint: {path} could not be loaded ({error or 'on another rank'})")
         acc.print(f"checkpoint {path} could not be loaded ({error or 'on another rank'}); "
                   f"falling back to {candidates[i + 1]}")
     state.data_rng.load(path, acc.process_index)
     state.loader_state = load_loader_state(path, acc.process_index, acc.num_processes)
-    with open(os.path.join(path, STATE_FILE)) as f:
-        state.restore_counters(json.load(f))
+    if path == point.path:
+        state.restore_counters(point.counters)
+    else:
+        with open(os.path.join(path, STATE_FILE)) as f:
+            state.restore_counters(json.load(f))
     state.last_saved = state.counters()
     acc.print(f"resumed from {path} (step {state.global_step}, epoch {state.epoch})")
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -19,8 +20,32 @@ def key(default: Any, help: str, group: str = "") -> Any:  # noqa: A002 - mirror
     return field(default=default, metadata={"help": help, "group": group})
 
 
+class Freezable:
+    """A config that can be frozen once a run is planned: assigning to a field afterwards raises
+    `dataclasses.FrozenInstanceError` (nested config groups are frozen with it)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen"):
+            raise dataclasses.FrozenInstanceError(
+                f"cannot assign to {name}: the config is frozen once the run is planned (notrainer.cli.run.plan); "
+                "make a changed copy with dataclasses.replace(cfg, ...) instead")
+        object.__setattr__(self, name, value)
+
+    def freeze(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Freezable):
+                value.freeze()
+        object.__setattr__(self, "_frozen", True)
+        return self
+
+    @property
+    def frozen(self) -> bool:
+        return bool(self.__dict__.get("_frozen"))
+
+
 @dataclass
-class LoopConfig:
+class LoopConfig(Freezable):
     """The loop's own settings, handed to `Loop` whole (or given to it as keyword arguments).
 
     `TrainConfig` extends this class, so the CLI's flat keys (`max_train_steps=...`) are the

@@ -41,10 +41,12 @@ def saved_layout(checkpoint: str) -> dict | None:
         return None
 
 
-def plan(cfg, checkpoint: str | None, processes: int) -> str | None:
+def plan(cfg, checkpoint: str | None, processes: int, *, saved: dict | None | str = "read") -> str | None:
     """Adjust cfg.gradient_accumulation_steps so that resuming `checkpoint` on `processes`
-    keeps its global batch. Returns the note to print, or None when nothing changes."""
-    saved = saved_layout(checkpoint) if checkpoint else None
+    keeps its global batch. Returns the note to print, or None when nothing changes.
+    `saved`: the checkpoint's layout when the caller already read it (else it is read here)."""
+    if saved == "read":
+        saved = saved_layout(checkpoint) if checkpoint else None
     if not saved or saved.get("processes") == processes or not saved.get("per_device_batch_size"):
         return None  # (no batch size: convert_position refuses, after the load)
     if glob.glob(os.path.join(checkpoint, "**", "*optim_states.pt"), recursive=True) or \

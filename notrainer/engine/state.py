@@ -80,6 +80,8 @@ class RunState:
     best_metric: float | None = None  # best value of metric_for_best_model so far
     best_step: int = -1  # the step it was measured at; its checkpoint is never deleted
     evals_without_improvement: int = 0  # for early_stopping_patience
+    #: a stop signal abandoned the evaluation of this step: the resumed run evaluates it first
+    eval_pending: bool = False
     #: processes, per-device batch and accumulation the counters were taken with: resuming on
     #: another process count converts step_in_epoch through it (notrainer/engine/elastic.py)
     layout: dict | None = None

@@ -23,6 +23,8 @@ LOCAL_METRICS: dict[str, str] = {}
 LOCAL_METRICS.update({n: f"{n}.py" for n in ("accuracy", "f1", "precision", "recall", "matthews_correlation", "pearsonr", "spearmanr", "seqeval")})
 # generation (rouge-score, sacrebleu) and extractive QA (official SQuAD normalisation)
 LOCAL_METRICS.update({n: f"{n}.py" for n in ("rouge", "sacrebleu", "chrf", "squad", "squad_v2")})
+# semantic segmentation (evaluate's mean_iou definitions, from a confusion matrix)
+LOCAL_METRICS["mean_iou"] = "mean_iou.py"
 
 
 def load_metric(name: str, **kwargs):

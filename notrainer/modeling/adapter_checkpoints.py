@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 
@@ -103,6 +104,13 @@ def _trainable_names(model) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
+class IncompatibleKeys(NamedTuple):
+    """What `load_state_dict` returns (the fields of torch's own result type, which is private)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
 class _TrainableView(torch.nn.Module):
     """Stands in for a LoRA model in accelerate's load: its state dict is the trainable tensors,
     so loading the adapter-only file is still strict (a missing or extra adapter tensor fails)."""
@@ -123,7 +131,7 @@ class _TrainableView(torch.nn.Module):
         if strict and (missing or unexpected):
             raise RuntimeError(f"adapter checkpoint: missing {missing[:5]}, unexpected {unexpected[:5]}")
         model.load_state_dict({k: v for k, v in state_dict.items() if k in names}, strict=False, assign=assign)
-        return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+        return IncompatibleKeys(missing, unexpected)
 
 
 def register(acc, identity: dict) -> None:

@@ -60,9 +60,9 @@ def check_loading(cfg) -> None:
 def _check_attention(name: str | None) -> None:
     if name is None or "/" in name:  # a Hub kernel ("kernels-community/..."): transformers fetches it
         return
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers import AttentionInterface  # public; its registry is class-wide
 
-    known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    known = ["eager", *AttentionInterface().valid_keys()]
     check(name in known, f"attn_implementation={name!r} is unknown; transformers knows {', '.join(known)}")
     if name in _KERNEL_PACKAGES:
         import transformers.utils
@@ -135,10 +135,63 @@ def is_quantized(model) -> bool:
                 or getattr(model, "is_quantized", False))
 
 
-__all__ = ["check_loading", "pretrained_kwargs", "config_kwargs", "quantization", "is_quantized", "DTYPES", "QUANTIZATIONS"]
+__all__ = ["check_loading", "check_model_folder", "pretrained_kwargs", "config_kwargs", "quantization", "is_quantized", "DTYPES", "QUANTIZATIONS"]
 
 
 ADAPTER_CONFIG = "adapter_config.json"
+
+
+def check_model_folder(path, key_name: str = "model_name_or_path") -> None:
+    """A local model (or tokenizer, or adapter) folder whose files are damaged: one line naming
+    the file, before any loader blames another part. Every JSON file at the top of the folder
+    must parse (config.json, tokenizer files, the weights index); every safetensors file must
+    hold its whole header and the bytes the header describes (a cut-off download or copy).
+    Only the headers are read: cheap for any model size. A Hub name (no such folder) passes."""
+    folder = os.path.expanduser(str(path)) if path else None
+    if not folder or not os.path.isdir(folder):
+        return
+    names = sorted(os.listdir(folder))
+    for name in names:
+        full = os.path.join(folder, name)
+        if name.endswith(".json") and os.path.isfile(full):
+            try:
+                with open(full, encoding="utf-8") as f:
+                    json.load(f)
+            except (ValueError, UnicodeDecodeError) as e:
+                where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+                raise UsageError(f"{key_name}={path}: {name} of the model is not valid JSON{where}; the folder is damaged, "
+                                 "re-download or re-export the model") from None
+    for name in names:
+        full = os.path.join(folder, name)
+        if name.endswith(".safetensors") and os.path.isfile(full):
+            problem = _safetensors_problem(full)
+            if problem:
+                raise UsageError(f"{key_name}={path}: {name} is damaged or incomplete ({problem}); "
+                                 "re-download or re-export the model")
+
+
+def _safetensors_problem(file: str) -> str | None:
+    """What is wrong with a safetensors file's layout, or None: an 8-byte header length, the
+    JSON header, then exactly the data bytes the header's offsets describe."""
+    import struct
+
+    size = os.path.getsize(file)
+    if size < 8:
+        return f"{size} bytes, too short for a header"
+    with open(file, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if 8 + length > size:
+            return f"{size} bytes, its header alone says {8 + length}"
+        try:
+            header = json.loads(f.read(length))
+        except (ValueError, UnicodeDecodeError):
+            return "its header is not valid JSON"
+    ends = [v["data_offsets"][1] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and len(v.get("data_offsets", ())) == 2]
+    expected = 8 + length + max(ends, default=0)
+    if size < expected:
+        return f"{size} bytes where its header describes {expected}"
+    return None
 
 
 def adapter_base(path) -> str | None:
@@ -147,7 +200,11 @@ def adapter_base(path) -> str | None:
     config = os.path.join(str(path), ADAPTER_CONFIG)
     if not os.path.isfile(config):
         return None
-    with open(config) as f:
-        base = json.load(f).get("base_model_name_or_path")
+    try:
+        with open(config) as f:
+            base = json.load(f).get("base_model_name_or_path")
+    except (ValueError, AttributeError):
+        raise UsageError(f"{path}: {ADAPTER_CONFIG} of the adapter is not a valid JSON object; the folder is damaged, "
+                         "re-download or re-export the adapter") from None
     check(base, f"{path}: {ADAPTER_CONFIG} names no base_model_name_or_path; pass the base model and lora.r instead")
     return base

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import os
 
+from notrainer import compat
 from notrainer.errors import UsageError, check, first_line
+from notrainer.modeling import peft_methods
 from notrainer.modeling.loading import adapter_base, is_quantized  # noqa: F401 - adapter_base is part of this module API
 
 #: task's Auto class -> peft task type (decides which head stays trainable and saved)
@@ -81,33 +83,35 @@ def _import_peft(why: str):
 
 
 def apply_lora(model, cfg, task=None):
-    """`model` wrapped with LoRA adapters when `cfg.lora.r > 0`; else `model` unchanged."""
+    """`model` wrapped in a peft model when the run asks for one: LoRA when `cfg.lora.r > 0`,
+    another method with `peft.method=` (notrainer/modeling/peft_methods.py); else unchanged."""
     lc = cfg.lora
+    method = peft_methods.method_of(cfg)
     if is_peft_model(model):
         # model_name_or_path was an adapter folder (see from_pretrained): its adapters already train.
-        check(not lc.r, "model_name_or_path is a LoRA adapter folder: continue training that adapter without "
-                        "lora.r, or start a new one from its merged/ folder")
+        check(not lc.r and method is None,
+              "model_name_or_path is a LoRA adapter folder: continue training that adapter without "
+              "lora.r, or start a new one from its merged/ folder")
         return _with_input_grads(model, cfg)
-    if not lc.r:
+    if method is None:
         return model
+    if method != "lora":
+        return peft_methods.apply(model, cfg, task)
     peft = _import_peft("lora.r > 0")
     check(lc.alpha > 0, "lora.alpha must be > 0")
     check(0.0 <= lc.dropout < 1.0, "lora.dropout must be in [0, 1)")
     check(hasattr(model, "config"), "lora.r > 0 needs a transformers model (one with a .config)")
-    targets = list(lc.target_modules) if lc.target_modules else default_target_modules(model)
     task_type = PEFT_TASK_TYPES.get(getattr(task, "auto_model", None))
-    config = peft.LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets,
-                             task_type=task_type)
+    config = peft_methods.build_config(cfg, "lora", task_type, model)  # lora.*, plus peft.* options
+    targets = config.target_modules
     try:
         model = peft.get_peft_model(_for_kbit_training(model), config)
     except ValueError as e:  # e.g. a target module name that matches nothing
         raise UsageError(f"lora.target_modules={targets}: {first_line(e)}") from None
-    if lc.merge:
-        for name, module in model.named_modules():
-            if isinstance(module, peft.tuners.lora.LoraLayer):
-                kind = type(module.get_base_layer()).__name__
-                check(kind in ("Linear", "Conv1D"),
-                      f"lora.merge=true: cannot merge into {name} ({kind}); adapt only linear layers")
+    if peft_methods.wants_merge(cfg):
+        for layer in compat.lora_layers(model):
+            check(layer.base_kind in ("Linear", "Conv1D"),
+                  f"lora.merge=true: cannot merge into {layer.name} ({layer.base_kind}); adapt only linear layers")
     return _with_input_grads(model, cfg)
 
 
@@ -125,8 +129,12 @@ def is_peft_model(model) -> bool:
 
 def export(model, state_dict: dict, out_dir: str, merge: bool = False, tokenizer=None, final_dir: str | None = None) -> None:
     """Main process only. `state_dict` is the full (gathered) state dict of the PeftModel;
-    `out_dir` may be a temporary folder that becomes `final_dir` afterwards."""
-    base_sd = merged_state_dict(model, state_dict, with_adapters=False)
+    `out_dir` may be a temporary folder that becomes `final_dir` afterwards. Any peft method:
+    the adapter folder always; with `merge`, also merged/ where peft can merge the method
+    (otherwise one line says the adapter folder is the export)."""
+    lora = _is_lora(model)
+    base_sd = merged_state_dict(model, state_dict, with_adapters=False) if lora else \
+        peft_methods.base_state_dict(model, state_dict)
     peft_config = model.peft_config["default"]
     kwargs = {}
     if not peft_config.base_model_name_or_path:
@@ -137,18 +145,35 @@ def export(model, state_dict: dict, out_dir: str, merge: bool = False, tokenizer
     # peft keeps only the adapter (and modules_to_save) tensors of the state dict; with a
     # pretrained base whose vocabulary was resized, it also keeps the embeddings ("auto").
     model.save_pretrained(out_dir, state_dict=state_dict, **kwargs)
-    if merge:
-        merged_dir = os.path.join(out_dir, MERGED_DIR)
+    method = peft_methods.method_name(model)
+    if not peft_methods.is_mergeable(model):
+        peft_methods.note(f"export: {method} cannot be merged into the weights (peft merges only weight adapters); "
+                          f"{final_dir or out_dir} holds the adapter folder: load it with peft's AutoPeftModel* classes")
+        return
+    if not merge:
+        return
+    merged_dir = os.path.join(out_dir, MERGED_DIR)
+    if lora:
         model.get_base_model().save_pretrained(merged_dir, state_dict=merged_state_dict(model, state_dict))
-        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(merged_dir)
+    else:
+        merged = peft_methods.merged_base(model, state_dict)
+        if merged is None:
+            peft_methods.note(f"export: merging {method} under DeepSpeed ZeRO-3 is not supported here; "
+                              f"{final_dir or out_dir} holds the adapter folder only")
+            return
+        merged.save_pretrained(merged_dir)
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(merged_dir)
+
+
+def _is_lora(model) -> bool:
+    peft_type = model.peft_config["default"].peft_type
+    return str(getattr(peft_type, "value", peft_type)) == "LORA"
 
 
 def merged_state_dict(model, state_dict: dict, with_adapters: bool = True) -> dict:
     """The base model's own state dict (its original key names), with W + scaling * B @ A
     folded into every adapted layer when `with_adapters`."""
-    from peft.tuners.lora import LoraLayer
-
     prefix = "base_model.model."
     # A head in modules_to_save exists twice: the trained copy and the original.
     keep, drop = ((".modules_to_save.default.", ".original_module.") if with_adapters
@@ -160,13 +185,11 @@ def merged_state_dict(model, state_dict: dict, with_adapters: bool = True) -> di
     out = {plain(k): v for k, v in state_dict.items() if ".lora_" not in k and drop not in k}
     if not with_adapters:
         return out
-    for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer) or "default" not in module.lora_A:
-            continue
+    for name, _, scaling, fan_in_fan_out in compat.lora_layers(model):
         a = state_dict[f"{name}.lora_A.default.weight"].float()
         b = state_dict[f"{name}.lora_B.default.weight"].float()
-        delta = (b @ a) * module.scaling["default"]
-        if getattr(module, "fan_in_fan_out", False):  # gpt2's Conv1D stores W transposed
+        delta = (b @ a) * scaling
+        if fan_in_fan_out:  # gpt2's Conv1D stores W transposed
             delta = delta.T
         key = plain(f"{name}.weight")
         out[key] = (out[key].float() + delta.to(out[key].device)).to(out[key].dtype)

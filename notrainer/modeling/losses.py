@@ -12,9 +12,10 @@ recomputation; memory: one chunk of logits instead of all of them.
     hidden = model(input_ids=..., attention_mask=...).logits   # with lm_head switched off, below
     loss = linear_cross_entropy(hidden, head.weight, targets)   # mean over targets != -100
 
-How the hidden states come out of an unmodified Hugging Face model: `HiddenStatesHead` swaps
-the class of the model's lm_head (an nn.Linear; the state dict is unchanged) for a subclass
-that returns its input while `head.return_hidden` is set. The model is still called through
+How the hidden states come out of an unmodified Hugging Face model: `HiddenStatesHead`, an
+nn.Linear holding the very same weight (and bias) Parameters as the model's lm_head, replaces
+it through the model's public `set_output_embeddings` (state dict keys, tying and the optimizer's
+parameters are unchanged), and returns its input while `head.return_hidden` is set. The model is still called through
 its wrappers (DDP, torch.compile, accelerate's autocast), so gradient sync and compilation
 work as usual; accelerate's fp32 output conversion then touches the (small) hidden states
 instead of the logits. Only model types whose forward does nothing to the logits after the
@@ -214,8 +215,8 @@ def token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
 class HiddenStatesHead(torch.nn.Linear):
     """An nn.Linear that returns its input unchanged while `return_hidden` is set.
 
-    Installed by `install_hidden_states_head` by swapping the head's class: weights, state
-    dict, tying and `from_pretrained`/`save_pretrained` are untouched.
+    Installed by `install_hidden_states_head` in place of the model's lm_head, sharing its
+    Parameters: weights, state dict, tying and `from_pretrained`/`save_pretrained` are untouched.
     """
 
     return_hidden: bool = False
@@ -245,7 +246,16 @@ def install_hidden_states_head(model) -> HiddenStatesHead:
     """Make the model's lm_head switchable (see HiddenStatesHead); returns the head."""
     head = model.get_output_embeddings()
     if type(head) is torch.nn.Linear:
-        head.__class__ = HiddenStatesHead
+        new = HiddenStatesHead(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
+        new.weight = head.weight  # the same Parameter objects: nothing is copied
+        if head.bias is not None:
+            new.bias = head.bias
+        new.train(head.training)
+        model.set_output_embeddings(new)
+        check = model.get_output_embeddings()
+        if check is not new:
+            raise RuntimeError(f"{type(model).__name__}.set_output_embeddings did not install the chunked-loss head")
+        head = new
     return head
 
 

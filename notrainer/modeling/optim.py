@@ -1,15 +1,24 @@
 """Optimizer and learning-rate schedule from the config.
 
-`optim=` takes the Trainer's names (see OPTIMIZERS); `optim_args="k=v,k=v"` passes extra
-keyword arguments to the optimizer, as the Trainer's `optim_args` does. Every optimizer gets the
-usual split: no weight decay on biases and normalisation weights. The schedule is built as a
-factory because its length is only known once the dataloader has been sharded (see Loop).
+`optim=` takes the Trainer's names (see OPTIMIZERS) and DeepSpeed's two Adams; `optim_args="k=v,k=v"`
+passes extra keyword arguments to the optimizer, as the Trainer's `optim_args` does. Every
+optimizer gets the usual split: no weight decay on biases and normalisation weights. The
+schedule is built as a factory because its length is only known once the dataloader has been
+sharded (see Loop).
+
+Without `optim=`, the optimizer is torch's AdamW, or DeepSpeed's CPU Adam when the DeepSpeed
+config offloads the optimizer state to the CPU (ZeRO-Offload: the update then runs on the CPU,
+where DeepSpeedCPUAdam's vectorised kernel is several times faster than torch's AdamW; see
+bench/ds_cpu_adam.py). A DeepSpeed config with its own `optimizer` / `scheduler` sections is
+honoured: the optimizer becomes accelerate's `DummyOptim` and the schedule its `DummyScheduler`,
+so DeepSpeed builds what the recipe says (docs/distributed.md).
 """
 
 from __future__ import annotations
 
 import ast
 import inspect
+import sys
 
 import torch
 from transformers import get_scheduler
@@ -25,7 +34,12 @@ OPTIMIZERS = {
     "adamw_8bit": "bitsandbytes.optim.AdamW8bit (8-bit optimizer state)",
     "adamw_bnb_8bit": "bitsandbytes.optim.AdamW8bit (the Trainer's older name of adamw_8bit)",
     "paged_adamw_8bit": "bitsandbytes.optim.PagedAdamW8bit (8-bit state in paged CUDA memory)",
+    "deepspeed_cpu_adam": "deepspeed.ops.adam.DeepSpeedCPUAdam (AdamW on CPU parameters; the default under ZeRO "
+                          "optimizer offload; its C++ op builds on first use)",
+    "deepspeed_fused_adam": "deepspeed.ops.adam.FusedAdam (AdamW in one CUDA kernel; GPU only)",
 }
+DEEPSPEED_ADAMS = {"deepspeed_cpu_adam": "DeepSpeedCPUAdam", "deepspeed_fused_adam": "FusedAdam"}
+DEFAULT = "adamw_torch"
 BITSANDBYTES = {"adamw_8bit": "AdamW8bit", "adamw_bnb_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit"}
 
 
@@ -78,6 +92,12 @@ def _literal(value: str):
 def optimizer_class(name: str):
     """The optimizer class behind an `optim=` name; UsageError when it is unknown or its library
     is missing."""
+    if name in DEEPSPEED_ADAMS:
+        try:
+            from deepspeed.ops import adam
+        except ImportError:
+            raise UsageError(f"optim={name} needs deepspeed: pip install deepspeed") from None
+        return getattr(adam, DEEPSPEED_ADAMS[name])
     if name in ("adamw_torch", "adamw_torch_fused"):
         return torch.optim.AdamW
     if name == "sgd":
@@ -99,7 +119,7 @@ def optimizer_kwargs(cfg, name: str, device: torch.device) -> dict:
     """The keyword arguments for `name`'s class: the config's learning rate (and AdamW betas and
     epsilon where the optimizer has them), then optim_args on top."""
     kwargs: dict = {"lr": cfg.learning_rate}
-    if name.startswith(("adamw", "paged_adamw")):
+    if name.startswith(("adamw", "paged_adamw")) or name in DEEPSPEED_ADAMS:
         kwargs.update(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
     if name == "adamw_torch" and device.type == "cuda":
         kwargs["fused"] = True  # one kernel for the whole update instead of a loop over tensors
@@ -114,13 +134,16 @@ def optimizer_kwargs(cfg, name: str, device: torch.device) -> dict:
 
 def check_optim(cfg) -> None:
     """Config-time checks (TrainConfig.validate): the name, the optim_args syntax and keys."""
-    name = getattr(cfg, "optim", "adamw_torch")
+    name = getattr(cfg, "optim", None) or DEFAULT
     if name not in OPTIMIZERS:
         import difflib
 
         close = difflib.get_close_matches(name, list(OPTIMIZERS), n=1, cutoff=0.5)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise UsageError(f"optim {name!r} is unknown{hint}; choose one of {', '.join(OPTIMIZERS)}")
+    if name == "deepspeed_fused_adam":
+        check(torch.cuda.is_available(), "optim=deepspeed_fused_adam is a CUDA kernel and this machine has no CUDA GPU; "
+                                         "use adamw_torch (or deepspeed_cpu_adam for CPU parameters)")
     extra = parse_optim_args(getattr(cfg, "optim_args", None))
     if extra and name not in BITSANDBYTES:  # bitsandbytes is imported only when the optimizer is built
         accepted = inspect.signature(optimizer_class(name)).parameters
@@ -129,8 +152,54 @@ def check_optim(cfg) -> None:
                            f"(it takes {', '.join(k for k in accepted if k != 'params')})")
 
 
-def build_optimizer(model: torch.nn.Module, cfg, device: torch.device | None = None) -> torch.optim.Optimizer:
-    name = getattr(cfg, "optim", "adamw_torch")
+def deepspeed_config(accelerator) -> dict | None:
+    """The DeepSpeed config of the run (accelerate's plugin, `auto` values not yet filled), or None."""
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None) if accelerator is not None else None
+    return plugin.deepspeed_config if plugin is not None else None
+
+
+def _offloads_optimizer(ds: dict | None) -> bool:
+    device = ((ds or {}).get("zero_optimization") or {}).get("offload_optimizer", {}) or {}
+    return str(device.get("device", "none")).lower() in ("cpu", "nvme")
+
+
+def resolve_optim(cfg, accelerator=None) -> None:
+    """Settle `cfg.optim` once the engine is known (before config.yaml is written): the default
+    is deepspeed_cpu_adam under ZeRO optimizer offload, else adamw_torch; a DeepSpeed config
+    with its own optimizer section and an `optim=` key contradict each other (UsageError)."""
+    ds = deepspeed_config(accelerator)
+    if ds is not None and "optimizer" in ds:
+        check(cfg.optim is None, f"optim={cfg.optim} but the DeepSpeed config defines its own optimizer "
+                                 f"({ds['optimizer'].get('type')}); drop one of them")
+        return
+    if cfg.optim is None:
+        cfg.optim = "deepspeed_cpu_adam" if _offloads_optimizer(ds) else DEFAULT
+    device = getattr(accelerator, "device", None)
+    if cfg.optim == "deepspeed_cpu_adam" and device is not None and device.type != "cpu":
+        check(_offloads_optimizer(ds), "optim=deepspeed_cpu_adam updates CPU parameters: use it with a DeepSpeed "
+                                       "recipe that offloads the optimizer (launch/deepspeed_zero3_offload.yaml) or "
+                                       "on CPU, not on " + device.type)
+    if cfg.optim == "deepspeed_fused_adam":
+        check(ds is None or not _offloads_optimizer(ds), "optim=deepspeed_fused_adam runs on GPU parameters, but the "
+                                                         "DeepSpeed config offloads the optimizer to the CPU; use "
+                                                         "deepspeed_cpu_adam")
+
+
+def build_optimizer(model: torch.nn.Module, cfg, device: torch.device | None = None, accelerator=None):
+    """The optimizer for `model`'s trainable parameters; accelerate's DummyOptim when the
+    DeepSpeed config defines its own optimizer (DeepSpeed then builds it from that section,
+    with `auto` lr / weight_decay filled from learning_rate / weight_decay)."""
+    ds = deepspeed_config(accelerator)
+    if ds is not None and "optimizer" in ds:
+        from accelerate.utils import DummyOptim
+
+        if accelerator.is_main_process:
+            print(f"notrainer: note: the DeepSpeed config's optimizer ({ds['optimizer'].get('type')}) is used",
+                  file=sys.stderr)
+        return DummyOptim(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if getattr(cfg, "optim", None) is None:
+        resolve_optim(cfg, accelerator)
+    name = cfg.optim
     device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
     cls = optimizer_class(name)
     kwargs = optimizer_kwargs(cfg, name, device)
@@ -140,12 +209,37 @@ def build_optimizer(model: torch.nn.Module, cfg, device: torch.device | None = N
         raise UsageError(f"optim={name} could not be built with {kwargs}: {first_line(e)}") from None
 
 
-def scheduler_factory(cfg):
-    """A callable (optimizer, total_steps) -> LR scheduler, for `Loop(scheduler=...)`."""
+def scheduler_factory(cfg, accelerator=None):
+    """A callable (optimizer, total_steps) -> LR scheduler, for `Loop(scheduler=...)`.
+
+    Under a DeepSpeed config with its own `scheduler` section, or its own `optimizer` (which
+    only exists inside the engine), the schedule is accelerate's DummyScheduler: DeepSpeed
+    builds it (from the section, `auto` warmup / total steps filled from the config keys; or
+    from notrainer's schedule, applied to the engine's optimizer). Such a factory says
+    `with_model = True`: the Loop builds it before prepare and prepares it with the model."""
+    ds = deepspeed_config(accelerator)
+
+    def warmup_of(total_steps: int) -> int:
+        return cfg.num_warmup_steps or int(round(cfg.warmup_ratio * total_steps))
 
     def make(optimizer, total_steps: int):
-        warmup = cfg.num_warmup_steps or int(round(cfg.warmup_ratio * total_steps))
         return get_scheduler(cfg.lr_scheduler_type, optimizer=optimizer,
-                             num_warmup_steps=warmup, num_training_steps=total_steps)
+                             num_warmup_steps=warmup_of(total_steps), num_training_steps=total_steps)
 
-    return make
+    if ds is None or not ({"optimizer", "scheduler"} & ds.keys()):
+        return make
+
+    from accelerate.utils import DummyScheduler
+
+    def make_dummy(optimizer, total_steps: int):
+        if "scheduler" in ds:
+            if accelerator.is_main_process:
+                print(f"notrainer: note: the DeepSpeed config's scheduler ({ds['scheduler'].get('type')}) is used",
+                      file=sys.stderr)
+            # accelerate divides total_num_steps by the process count (it expects unsharded steps)
+            return DummyScheduler(optimizer, total_num_steps=total_steps * accelerator.num_processes,
+                                  warmup_num_steps=warmup_of(total_steps))
+        return DummyScheduler(optimizer, lr_scheduler_callable=lambda opt: make(opt, total_steps))
+
+    make_dummy.with_model = True
+    return make_dummy

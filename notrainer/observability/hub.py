@@ -32,12 +32,21 @@ def _truthy(v: Optional[str]) -> bool:
     return (v or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def is_offline() -> bool:
-    """Read at call time (huggingface_hub reads its constant once, at import)."""
+def offline_variable() -> Optional[str]:
+    """The variable that puts this process offline (`HF_HUB_OFFLINE`, or `TRANSFORMERS_OFFLINE`,
+    which huggingface_hub and transformers honour too), or None when online. Read at call time
+    (huggingface_hub reads its constant once, at import)."""
     from huggingface_hub import constants
 
-    return bool(constants.HF_HUB_OFFLINE) or _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(
-        os.environ.get("TRANSFORMERS_OFFLINE"))
+    if _truthy(os.environ.get("HF_HUB_OFFLINE")):
+        return "HF_HUB_OFFLINE"
+    if _truthy(os.environ.get("TRANSFORMERS_OFFLINE")):
+        return "TRANSFORMERS_OFFLINE"
+    return "HF_HUB_OFFLINE" if constants.HF_HUB_OFFLINE else None
+
+
+def is_offline() -> bool:
+    return offline_variable() is not None
 
 
 def default_repo_id(cfg: Any) -> str:
@@ -70,7 +79,7 @@ def check_push_to_hub(cfg: Any, verify_token: bool = True) -> Optional[str]:
         raise UsageError(f"hub_model_id={repo_id!r} is not a valid Hub repo id (name or namespace/name): "
                          f"{first_line(e)}") from None
     if is_offline():
-        raise UsageError("push_to_hub=true needs the network, but HF_HUB_OFFLINE is set; unset it, "
+        raise UsageError(f"push_to_hub=true needs the network, but {offline_variable() or 'HF_HUB_OFFLINE'} is set; unset it, "
                          "or drop push_to_hub and upload later with `hf upload`")
     token = resolve_token(cfg)
     if not token:

@@ -1,0 +1,304 @@
+"""Helpers the vision tasks share (image_classification, semantic_segmentation).
+
+- `require_pillow`: the one line naming `pip install 'notrainer[vision]'` when Pillow is missing.
+- Reading images: `check_image` (exists and decodes), `class_folder` (one subfolder per class),
+  `pair_folder` (images/ and masks/ with matching names), `resolve_paths` (a path column of a
+  csv/jsonl, relative to the file's folder).
+- `parse_id2label`: label names from a json file, inline json or a comma list.
+- `build_image_processor`: `AutoImageProcessor` with the PIL backend (no torchvision needed).
+- Augmentation drawn from torch's RNG (the loop's data RNG stream makes resume exact):
+  `random_resized_crop` and `random_flip`, applied alike to an image and its mask.
+
+Images stay files (or encoded bytes) in the datasets; they are decoded and transformed per
+batch through `datasets.Dataset.with_transform`, never stored as float tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from notrainer.errors import UsageError, check, first_line
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def require_pillow(task_name: str) -> None:
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        raise UsageError(f"task={task_name} needs Pillow: pip install 'notrainer[vision]'") from None
+
+
+def check_image(path: str, key_name: str):
+    """Open `path` as an image (fully decoded); a missing or unreadable file is a usage error.
+    Returns the image's (width, height)."""
+    from PIL import Image
+
+    check(os.path.isfile(path), f"{key_name}: image file {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.size
+    except Exception as e:
+        raise UsageError(f"{key_name}: {path} is not a readable image ({first_line(e)})") from None
+
+
+def _image_files(folder: str, key_name: str) -> list[str]:
+    """The files of `folder` (hidden ones skipped), each checked to be a readable image."""
+    names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
+    paths = [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
+    for path in paths:
+        check_image(path, key_name)
+    return paths
+
+
+def _has_images(folder: str) -> bool:
+    return any(n.lower().endswith(IMAGE_EXTENSIONS) for n in os.listdir(folder))
+
+
+def is_class_folder(path) -> bool:
+    """A folder of subfolders (one per class) holding images; a folder of data-file shards is not one."""
+    if not isinstance(path, str) or not os.path.isdir(path):
+        return False
+    subs = [os.path.join(path, n) for n in os.listdir(path) if not n.startswith(".")]
+    subs = [d for d in subs if os.path.isdir(d)]
+    return bool(subs) and any(_has_images(d) for d in subs)
+
+
+def is_image_folder(path) -> bool:
+    """A folder the vision tasks read themselves: classes, images + masks, or plain images."""
+    return isinstance(path, str) and os.path.isdir(os.path.expanduser(path)) and (
+        is_class_folder(path) or is_pair_folder(path) or _has_images(path))
+
+
+def validate_with_folders(cfg, validate) -> None:
+    """Run the shared `TrainConfig.validate` (which checks data keys as data files) with the
+    image folders among train_file/validation_file/test_file set aside: the task reads those."""
+    names = ("train_file", "validation_file", "test_file")
+    saved = {n: getattr(cfg, n) for n in names if is_image_folder(getattr(cfg, n))}
+    predict = cfg.do_predict
+    for n in saved:
+        setattr(cfg, n, None)
+    if "test_file" in saved:
+        cfg.do_predict = False
+    try:
+        validate()
+    finally:
+        for n, v in saved.items():
+            setattr(cfg, n, v)
+        if "test_file" in saved and cfg.mode != "eval":
+            cfg.do_predict = predict or cfg.mode == "predict"
+    if cfg.do_predict:
+        check(cfg.do_train or cfg.model_name_or_path is not None,
+              "do_predict=true without training needs model_name_or_path=... (a trained run's output_dir)")
+
+
+def class_folder(root: str, key_name: str) -> dict[str, list]:
+    """An image folder (root/<class>/<image>): {"image": paths, "label": class names}. A file
+    beside the class folders, an empty class folder or a file that is not an image is refused."""
+    entries = sorted(n for n in os.listdir(root) if not n.startswith("."))
+    loose = [n for n in entries if not os.path.isdir(os.path.join(root, n))]
+    if loose:
+        raise UsageError(f"{key_name}={root}: {loose[0]} is not in a class folder (an image folder holds one "
+                         "subfolder per class)")
+    images, labels = [], []
+    for name in entries:
+        paths = _image_files(os.path.join(root, name), key_name)
+        check(bool(paths), f"{key_name}={root}: the class folder {name!r} is empty")
+        images += paths
+        labels += [name] * len(paths)
+    return {"image": images, "label": labels}
+
+
+MASK_FOLDERS = ("masks", "annotations", "labels", "mask")
+IMAGE_FOLDERS = ("images", "image", "img")
+
+
+def is_pair_folder(path) -> bool:
+    return isinstance(path, str) and os.path.isdir(path) and \
+        any(os.path.isdir(os.path.join(path, n)) for n in IMAGE_FOLDERS) and \
+        any(os.path.isdir(os.path.join(path, n)) for n in MASK_FOLDERS)
+
+
+def pair_folder(root: str, key_name: str) -> dict[str, list]:
+    """root/images/<name>.<ext> with root/masks/<name>.png (or annotations/, labels/): matched
+    by file name without extension. An image without a mask (or a mask without an image) is refused."""
+    img_dir = next(os.path.join(root, n) for n in IMAGE_FOLDERS if os.path.isdir(os.path.join(root, n)))
+    mask_dir = next(os.path.join(root, n) for n in MASK_FOLDERS if os.path.isdir(os.path.join(root, n)))
+    images = {os.path.splitext(os.path.basename(p))[0]: p for p in _image_files(img_dir, key_name)}
+    masks = {os.path.splitext(os.path.basename(p))[0]: p for p in _image_files(mask_dir, key_name)}
+    check(bool(images), f"{key_name}={root}: {img_dir} holds no image")
+    for stem in images:
+        check(stem in masks, f"{key_name}={root}: image {images[stem]} has no mask in {mask_dir}")
+    for stem in masks:
+        check(stem in images, f"{key_name}={root}: mask {masks[stem]} has no image in {img_dir}")
+    stems = sorted(images)
+    return {"image": [images[s] for s in stems], "mask": [masks[s] for s in stems]}
+
+
+def resolve_paths(paths: list, data_file: str | None, column: str) -> list[str]:
+    """A csv/jsonl path column: relative paths are taken from the data file's folder (else the
+    working directory). Every file is checked to be a readable image."""
+    base = os.path.dirname(os.path.abspath(data_file)) if data_file else os.getcwd()
+    out = []
+    for i, p in enumerate(paths):
+        check(isinstance(p, str) and p, f"image_column={column!r}: row {i} has no path")
+        full = os.path.expanduser(p)
+        if not os.path.isabs(full) and os.path.exists(os.path.join(base, full)):
+            full = os.path.join(base, full)
+        check_image(full, f"{column} row {i}")
+        out.append(full)
+    return out
+
+
+def parse_id2label(value) -> list[str] | None:
+    """`id2label=`: a json file or inline json ({"0": "background", ...} or a list), or a comma
+    list of names. Returns the names in id order."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    if isinstance(value, dict):
+        data = value
+    else:
+        text = str(value).strip()
+        if os.path.isfile(os.path.expanduser(text)):
+            try:
+                with open(os.path.expanduser(text), encoding="utf-8") as f:
+                    data = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise UsageError(f"id2label={text}: not a json file ({first_line(e)})") from None
+        elif text.startswith(("{", "[")):
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"id2label: not valid json ({first_line(e)})") from None
+        else:
+            return [n.strip() for n in text.split(",") if n.strip()]
+    if isinstance(data, list):
+        return [str(v) for v in data]
+    check(isinstance(data, dict), "id2label must map ids to names")
+    try:
+        ids = sorted(int(k) for k in data)
+    except ValueError:
+        raise UsageError("id2label: its keys must be label ids (0, 1, ...)") from None
+    check(ids == list(range(len(ids))), f"id2label: the ids must be 0..{len(ids) - 1} with none missing")
+    return [str(data[str(i)] if str(i) in data else data[i]) for i in ids]
+
+
+def build_image_processor(cfg, default):
+    """`image_processor_name`, else model_name_or_path's processor (PIL backend), else `default()`."""
+    name = getattr(cfg, "image_processor_name", None) or cfg.model_name_or_path or cfg.config_name
+    if name is None:
+        return default()
+    from transformers import AutoImageProcessor
+
+    from notrainer.data import files
+    from notrainer.modeling.lora import adapter_base
+
+    files.check_local_model_path(name, "image_processor_name")
+    name = adapter_base(name) or name
+    try:
+        return AutoImageProcessor.from_pretrained(name, backend="pil", trust_remote_code=cfg.trust_remote_code)
+    except Exception as e:
+        raise UsageError(f"image processor {name!r} could not be loaded: {first_line(e)} "
+                         "(give image_processor_name=... naming a folder with preprocessor_config.json)") from None
+
+
+def target_size(processor) -> tuple[int, int]:
+    """(height, width) the processor produces: its crop_size, else its size."""
+    for attr in ("crop_size", "size"):
+        size = getattr(processor, attr, None)
+        if getattr(processor, "do_center_crop", False) is False and attr == "crop_size":
+            continue
+        if isinstance(size, dict) or hasattr(size, "get"):
+            size = dict(size)
+            if size.get("height") and size.get("width"):
+                return int(size["height"]), int(size["width"])
+            if size.get("shortest_edge"):
+                return int(size["shortest_edge"]), int(size["shortest_edge"])
+        if isinstance(size, int):
+            return size, size
+    return 224, 224
+
+
+# ---------------------------------------------------------------------- augmentation (torch RNG)
+
+
+def random_resized_crop(width: int, height: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple:
+    """A crop box (left, top, right, bottom) covering a random area fraction in `scale` with a
+    random aspect ratio in `ratio` (log-uniform), as RandomResizedCrop draws it; after ten
+    misses, the central crop of the nearest allowed ratio."""
+    import torch
+
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * float(torch.empty(1).uniform_(scale[0], scale[1]))
+        aspect = math.exp(float(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,)))
+            left = int(torch.randint(0, width - w + 1, (1,)))
+            return left, top, left + w, top + h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def random_flip(p: float = 0.5) -> bool:
+    import torch
+
+    return bool(torch.rand(1) < p)
+
+
+def augment(image, size: tuple[int, int], scale: tuple[float, float], flip: bool, mask=None):
+    """The same random resized crop (to `size` = (height, width)) and horizontal flip for an
+    image (bilinear) and its mask (nearest)."""
+    from PIL import Image
+
+    box = random_resized_crop(image.width, image.height, scale=scale)
+    flipped = flip and random_flip()
+    out = image.resize((size[1], size[0]), Image.Resampling.BILINEAR, box=box)
+    if flipped:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if mask is None:
+        return out, None
+    m = mask.resize((size[1], size[0]), Image.Resampling.NEAREST, box=box)
+    if flipped:
+        m = m.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return out, m
+
+
+def as_rgb(image):
+    """A decoded image (PIL, or a path) in RGB."""
+    from PIL import Image
+
+    if isinstance(image, str):
+        image = Image.open(image)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def source_file(cfg, split: str):
+    """The data file a split came from (for relative image paths), or None."""
+    from notrainer.data.files import resolve_files
+
+    value = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}.get(split)
+    if not value and split == "validation":  # held out of the training data (validation_split_percentage)
+        value = cfg.train_file
+    if not value:
+        return None
+    try:
+        found = resolve_files(value, f"{split}_file")
+    except UsageError:
+        return None
+    return found[0] if found else None
