@@ -60,7 +60,8 @@ def lora_layers(model, adapter: str = "default") -> list[LoraLayerInfo]:
 
     out = []
     for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+        # Linear/Conv1D layers keep their weights in lora_A, embeddings in lora_embedding_A.
+        if isinstance(module, LoraLayer) and (adapter in module.lora_A or adapter in module.lora_embedding_A):
             out.append(LoraLayerInfo(name, type(module.get_base_layer()).__name__, float(module.scaling[adapter]),
                                      bool(getattr(module, "fan_in_fan_out", False))))
     return out
