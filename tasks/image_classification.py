@@ -24,7 +24,6 @@ tiny ResNet built from a config.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -93,30 +92,8 @@ class ImageClassificationTask(Task):
     def load_raw_datasets(self):
         vision.require_pillow(self.name)
         cfg = self.cfg
-        given = {s: v for s, v in (("train", cfg.train_file), ("validation", cfg.validation_file),
-                                   ("test", cfg.test_file)) if v}
-        folders = {s: v for s, v in given.items() if isinstance(v, str) and (vision.is_class_folder(v)
-                                                                           or s == "test" and _flat_folder(v))}
-        if folders and not cfg.dataset_name:
-            def from_folders():
-                import datasets
-
-                out = {}
-                for split, value in given.items():
-                    if split in folders:
-                        rows = vision.class_folder(value, f"{split}_file") if vision.is_class_folder(value) \
-                            else {"image": vision._image_files(value, f"{split}_file")}
-                        out[split] = datasets.Dataset.from_dict(rows)
-                    else:
-                        out.update(data.load_files({split: value}))
-                return out
-
-            plain = dataclasses.replace(cfg, train_file=None, validation_file=None, test_file=None)
-            raw = data.load_raw_datasets(plain, builtin=from_folders)
-            checked = set(folders)
-        else:
-            raw = super().load_raw_datasets()
-            checked = set()
+        raw, checked = vision.load_folders(cfg, vision.is_class_folder, vision.class_folder,
+                                           super().load_raw_datasets)
         self.image_col, self.label_col = self.find_columns(raw)
         raw = self.decode_paths(raw, checked)
         self.find_labels(raw)
@@ -153,8 +130,7 @@ class ImageClassificationTask(Task):
                 paths = vision.resolve_paths(paths, vision.source_file(self.cfg, split), self.image_col)
             if split == "test":
                 self._test_paths = list(paths)
-            ds = ds.remove_columns(self.image_col).add_column(self.image_col, list(paths))
-            out[split] = ds.cast_column(self.image_col, datasets.Image())
+            out[split] = vision.as_image_column(ds, self.image_col, paths)
         return datasets.DatasetDict(out)
 
     def find_labels(self, raw) -> None:
@@ -320,13 +296,6 @@ class ImageClassificationTask(Task):
         if paths is not None and len(paths) == len(records):
             records = [{"image": p, **r} for p, r in zip(paths, records)]
         return records
-
-
-def _flat_folder(path: str) -> bool:
-    """A folder of images with no class subfolders (prediction data)."""
-    import os
-
-    return os.path.isdir(path) and not vision.is_class_folder(path)
 
 
 # ---------------------------------------------------------------------- tiny models and built-in data

@@ -30,7 +30,6 @@ backgrounds, with their masks, on a tiny SegFormer built from a config.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -102,28 +101,7 @@ class SemanticSegmentationTask(Task):
     def load_raw_datasets(self):
         vision.require_pillow(self.name)
         cfg = self.cfg
-        given = {s: v for s, v in (("train", cfg.train_file), ("validation", cfg.validation_file),
-                                   ("test", cfg.test_file)) if v}
-        folders = {s: v for s, v in given.items()
-                   if isinstance(v, str) and (vision.is_pair_folder(v) or s == "test" and _image_folder(v))}
-        if folders and not cfg.dataset_name:
-            def from_folders():
-                import datasets
-
-                out = {}
-                for split, value in given.items():
-                    if split in folders:
-                        rows = vision.pair_folder(value, f"{split}_file") if vision.is_pair_folder(value) \
-                            else {"image": vision._image_files(value, f"{split}_file")}
-                        out[split] = datasets.Dataset.from_dict(rows)
-                    else:
-                        out.update(data.load_files({split: value}))
-                return out
-
-            plain = dataclasses.replace(cfg, train_file=None, validation_file=None, test_file=None)
-            raw = data.load_raw_datasets(plain, builtin=from_folders)
-        else:
-            raw = super().load_raw_datasets()
+        raw, _ = vision.load_folders(cfg, vision.is_pair_folder, vision.pair_folder, super().load_raw_datasets)
         self.image_col, self.mask_col = self.find_columns(raw)
         raw = self.decode_paths(raw)
         self.find_labels(raw)
@@ -160,7 +138,7 @@ class SemanticSegmentationTask(Task):
                 paths = vision.resolve_paths(ds[col], src, col) if src else list(ds[col])
                 if split == "test" and col == self.image_col:
                     self._test_paths = list(paths)
-                ds = ds.remove_columns(col).add_column(col, paths).cast_column(col, datasets.Image())
+                ds = vision.as_image_column(ds, col, paths)
             out[split] = ds
         return datasets.DatasetDict(out)
 
@@ -389,10 +367,6 @@ class SemanticSegmentationTask(Task):
             record = {"mask": os.path.join(PREDICTED_MASKS, f"{name}.png")}
             records.append({"image": paths[i], **record} if paths[i] is not None else record)
         return records
-
-
-def _image_folder(path: str) -> bool:
-    return os.path.isdir(path) and not vision.is_pair_folder(path)
 
 
 # ---------------------------------------------------------------------- built-in data

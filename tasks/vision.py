@@ -45,7 +45,7 @@ def check_image(path: str, key_name: str):
         raise UsageError(f"{key_name}: {path} is not a readable image ({first_line(e)})") from None
 
 
-def _image_files(folder: str, key_name: str) -> list[str]:
+def image_files(folder: str, key_name: str) -> list[str]:
     """The files of `folder` (hidden ones skipped), each checked to be a readable image."""
     names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
     paths = [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
@@ -105,7 +105,7 @@ def class_folder(root: str, key_name: str) -> dict[str, list]:
                          "subfolder per class)")
     images, labels = [], []
     for name in entries:
-        paths = _image_files(os.path.join(root, name), key_name)
+        paths = image_files(os.path.join(root, name), key_name)
         check(bool(paths), f"{key_name}={root}: the class folder {name!r} is empty")
         images += paths
         labels += [name] * len(paths)
@@ -127,8 +127,8 @@ def pair_folder(root: str, key_name: str) -> dict[str, list]:
     by file name without extension. An image without a mask (or a mask without an image) is refused."""
     img_dir = next(os.path.join(root, n) for n in IMAGE_FOLDERS if os.path.isdir(os.path.join(root, n)))
     mask_dir = next(os.path.join(root, n) for n in MASK_FOLDERS if os.path.isdir(os.path.join(root, n)))
-    images = {os.path.splitext(os.path.basename(p))[0]: p for p in _image_files(img_dir, key_name)}
-    masks = {os.path.splitext(os.path.basename(p))[0]: p for p in _image_files(mask_dir, key_name)}
+    images = {os.path.splitext(os.path.basename(p))[0]: p for p in image_files(img_dir, key_name)}
+    masks = {os.path.splitext(os.path.basename(p))[0]: p for p in image_files(mask_dir, key_name)}
     check(bool(images), f"{key_name}={root}: {img_dir} holds no image")
     for stem in images:
         check(stem in masks, f"{key_name}={root}: image {images[stem]} has no mask in {mask_dir}")
@@ -286,6 +286,51 @@ def as_rgb(image):
     if isinstance(image, str):
         image = Image.open(image)
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def load_folders(cfg, is_folder, read_folder, load_default):
+    """The raw splits when train_file/validation_file/test_file name folders the task reads
+    itself: `is_folder(path)` says which (a test folder may also be plain images, read by
+    `image_files`), `read_folder(path, key_name)` gives a folder's columns; the other splits
+    load as data files. Without such folders (or with a dataset_name) `load_default()` loads
+    them all. Returns (raw, the splits read from folders, whose files are already checked)."""
+    import dataclasses
+    import os
+
+    import datasets
+
+    from notrainer.data import files as data
+
+    given = {s: v for s, v in (("train", cfg.train_file), ("validation", cfg.validation_file),
+                               ("test", cfg.test_file)) if v}
+    folders = {s for s, v in given.items()
+               if isinstance(v, str) and (is_folder(v) or s == "test" and os.path.isdir(v))}
+    if not folders or cfg.dataset_name:
+        return load_default(), set()
+
+    def from_folders():
+        out = {}
+        for split, value in given.items():
+            if split in folders:
+                rows = read_folder(value, f"{split}_file") if is_folder(value) \
+                    else {"image": image_files(value, f"{split}_file")}
+                out[split] = datasets.Dataset.from_dict(rows)
+            else:
+                out.update(data.load_files({split: value}))
+        return out
+
+    plain = dataclasses.replace(cfg, train_file=None, validation_file=None, test_file=None)
+    return data.load_raw_datasets(plain, builtin=from_folders), folders
+
+
+def as_image_column(ds, column: str, paths: list):
+    """`ds` with `column` replaced by the image files `paths`, as a datasets `Image` column
+    (still files, decoded per batch). The new column goes in before the old one leaves: a split
+    whose only column is the image would otherwise have no rows left to add it to."""
+    import datasets
+
+    ds = ds.add_column("_image_paths", list(paths)).remove_columns(column).rename_column("_image_paths", column)
+    return ds.cast_column(column, datasets.Image())
 
 
 def source_file(cfg, split: str):

@@ -198,10 +198,13 @@ def apply(model, cfg, task=None):
 
 
 def _takes_past_key_values(model) -> bool:
+    """Whether the model's forward takes a key/value cache, where peft puts the prefixes.
+    transformers 5.24 renamed the argument `past_key_values` to `cache` (the old name still
+    works, through **kwargs, until 5.40), so either name counts."""
     import inspect
 
     backbone = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
-    return any(m is not None and "past_key_values" in inspect.signature(m.forward).parameters
+    return any(m is not None and {"past_key_values", "cache"} & set(inspect.signature(m.forward).parameters)
                for m in (model, backbone))
 
 
