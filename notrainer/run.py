@@ -1,8 +1,8 @@
-"""`python -m notrainer.run key=value ...`: the CLI entry point (the code is in notrainer/cli/run.py)."""
+"""`python -m notrainer.run key=value ...`: the CLI entry point (sub-commands: notrainer/cli/main.py; a run: notrainer/cli/run.py)."""
 
 import sys
 
-from notrainer.cli.run import main
+from notrainer.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -61,6 +61,7 @@ import torch
 from notrainer import compat
 from notrainer.data import builtin
 from notrainer.data import files as data
+from notrainer.data import raw as raw_data
 from notrainer.modeling import loading
 from notrainer.modeling import lora
 from notrainer.config import TrainConfig
@@ -105,7 +106,7 @@ class Task:
         raise UsageError(f"task={self.name} has no built-in data: give train_file=...")
 
     def load_raw_datasets(self):
-        return data.load_raw_datasets(self.cfg, builtin=self.builtin_datasets, check_rows=self.check_raw_rows)
+        return raw_data.load_raw_datasets(self.cfg, builtin=self.builtin_datasets, check_rows=self.check_raw_rows)
 
     def check_raw_rows(self, ds, where: str) -> None:
         """A task's own checks of a raw split's values, in file order (`where` names the file):

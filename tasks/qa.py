@@ -31,6 +31,7 @@ import torch
 
 from notrainer.data import builtin
 from notrainer.data import files as data
+from notrainer.data import raw as raw_data
 from notrainer.data.files import map_splits
 from notrainer.config import TrainConfig, key
 from notrainer.errors import UsageError, check
@@ -100,7 +101,7 @@ class QATask(Task):
         loaded = datasets.DatasetDict({split: load_qa_file(path, split) for split, path in files.items()})
         # the generic loader holds out validation_split_percentage and applies max_*_samples
         plain = dataclasses.replace(cfg, train_file=None, validation_file=None, test_file=None)
-        return self._allow_unanswerable(data.load_raw_datasets(plain, builtin=lambda: loaded))
+        return self._allow_unanswerable(raw_data.load_raw_datasets(plain, builtin=lambda: loaded))
 
     #: set by load_raw_datasets: the data has unanswerable questions though version_2_with_negative=false
     _unanswerable_in_data: bool = False

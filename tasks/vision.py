@@ -300,6 +300,7 @@ def load_folders(cfg, is_folder, read_folder, load_default):
     import datasets
 
     from notrainer.data import files as data
+    from notrainer.data.raw import load_raw_datasets
 
     given = {s: v for s, v in (("train", cfg.train_file), ("validation", cfg.validation_file),
                                ("test", cfg.test_file)) if v}
@@ -320,7 +321,7 @@ def load_folders(cfg, is_folder, read_folder, load_default):
         return out
 
     plain = dataclasses.replace(cfg, train_file=None, validation_file=None, test_file=None)
-    return data.load_raw_datasets(plain, builtin=from_folders), folders
+    return load_raw_datasets(plain, builtin=from_folders), folders
 
 
 def as_image_column(ds, column: str, paths: list):

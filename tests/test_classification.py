@@ -51,10 +51,14 @@ def test_embedded_default_beats_chance_and_exports_label_names(trained):
 
     from transformers import pipeline
 
+    # The export in transformers' pipeline names topics and is about as accurate on fresh
+    # sentences as the run measured (a bound, not exact outputs: the bits differ across machines).
     clf = pipeline("text-classification", model=str(out))
-    preds = clf(["the coach and the team won the football match at the stadium",
-                 "rain and snow and wind and a storm with thunder"])
-    assert [p["label"] for p in preds] == ["sports", "weather"]
+    rows = builtin_topic_sentences(100, seed=321)
+    preds = clf([r["text"] for r in rows])
+    assert {p["label"] for p in preds} <= set(TOPICS)
+    accuracy = sum(p["label"] == r["label"] for p, r in zip(preds, rows)) / len(rows)
+    assert accuracy > results["eval_accuracy"] - 0.15, (accuracy, results["eval_accuracy"])
 
 
 @pytest.mark.slow

@@ -164,7 +164,7 @@ def test_dataset_name_takes_a_split_selection(tmp_path):
     folder.mkdir()
     (folder / "train.jsonl").write_bytes(_jsonl(DOCS))
     (folder / "validation.jsonl").write_bytes(_jsonl(DOCS[:4]))
-    from notrainer.data.files import load_raw_datasets
+    from notrainer.data.raw import load_raw_datasets
 
     cfg, _ = parse_args(["task=clm", f"dataset_name={folder}", "validation_split_percentage=0"])
     assert {k: len(v) for k, v in load_raw_datasets(cfg).items()} == {"train": 30, "validation": 4}

@@ -73,9 +73,7 @@ def _imports_by_module() -> dict[str, set[str]]:
     for name, path in files.items():
         package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
         found = set()
-        for node in ast.parse(path.read_text()).body:  # module-level imports: the ones run at import time
-            if isinstance(node, ast.If):
-                continue
+        for node in ast.walk(ast.parse(path.read_text())):  # every import, also those inside functions
             if isinstance(node, ast.ImportFrom):
                 base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
                 target = (base + ("." + node.module if node.module else "")) if node.level else node.module or ""

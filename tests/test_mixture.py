@@ -138,7 +138,7 @@ def test_the_held_out_split_of_a_stream_is_never_trained_on(corpus):
     """The first validation_rows rows of each source are the evaluation split; the training
     stream (every rank, every pass) skips them, and nothing else."""
     from notrainer.cli.run import parse_args
-    from notrainer.data.files import load_streaming_raw
+    from notrainer.data.raw import load_streaming_raw
     from notrainer.data.mixture import SOURCE_KEY, training_stream
 
     spec = _spec((corpus["web"], 0.5), (corpus["code"], 0.3), (corpus["books"], 0.2))

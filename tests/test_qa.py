@@ -48,24 +48,29 @@ def test_default_learns_to_locate_answers(trained):
 
 
 def test_export_is_a_question_answering_model(trained):
-    out, _ = trained
+    # The export answers fresh questions about as well as the run measured: a bound on exact
+    # matches, not one asserted answer (the trained bits differ across machines).
+    out, results = trained
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
     from transformers.pipelines import SUPPORTED_TASKS
 
-    question = "what is the owner of the lamp ?"
-    context = "the color of the boat is red . the owner of the lamp is emma . the city of the car is rome ."
     model, tok = AutoModelForQuestionAnswering.from_pretrained(out), AutoTokenizer.from_pretrained(out)
-    enc = tok(question, context, return_tensors="pt", return_offsets_mapping=True)
-    offsets = enc.pop("offset_mapping")[0]
-    with torch.no_grad():
-        logits = model(**enc)
-    start, end = int(logits.start_logits.argmax()), int(logits.end_logits.argmax())
-    assert context[int(offsets[start][0]):int(offsets[end][1])] == "emma"
+    examples = builtin_qa(40, seed=77)
+    exact = 0
+    for ex in examples:
+        enc = tok(ex["question"], ex["context"], return_tensors="pt", return_offsets_mapping=True)
+        offsets = enc.pop("offset_mapping")[0]
+        with torch.no_grad():
+            logits = model(**enc)
+        start, end = int(logits.start_logits.argmax()), int(logits.end_logits.argmax())
+        exact += ex["context"][int(offsets[start][0]):int(offsets[end][1])].strip() == ex["answers"]["text"][0]
+    assert exact / len(examples) > results["eval_exact_match"] / 100 - 0.2, (exact, results["eval_exact_match"])
     if "question-answering" in SUPPORTED_TASKS:  # transformers 5.x removed this pipeline
         from transformers import pipeline
 
         qa = pipeline("question-answering", model=str(out), tokenizer=str(out), device="cpu")
-        assert qa(question=question, context=context)["answer"].strip() == "emma"
+        answers = [qa(question=ex["question"], context=ex["context"])["answer"].strip() for ex in examples]
+        assert sum(a == ex["answers"]["text"][0] for a, ex in zip(answers, examples)) >= exact - 4
 
 
 def squad_nested(records) -> dict:

@@ -34,9 +34,22 @@ def test_embedded_default_beats_chance_and_works_with_the_pipeline(trained):
 
     from transformers import pipeline
 
+    # The export in transformers' pipeline finds the entities of fresh sentences about as well as
+    # the run measured (a bound, not one exact output: the trained bits differ across machines).
     ner = pipeline("token-classification", model=str(out), aggregation_strategy="simple")
-    found = [(e["entity_group"], e["word"]) for e in ner("alice moved to new york last year .")]
-    assert found == [("PER", "alice"), ("LOC", "new york")]
+    rows = builtin_ner_sentences(40, seed=123)
+    hits = total = 0
+    for row in rows:
+        expected, words = set(), row["words"]
+        for i, tag in enumerate(row["ner"]):
+            if tag.startswith("B-"):
+                j = i + 1
+                while j < len(words) and row["ner"][j] == "I-" + tag[2:]:
+                    j += 1
+                expected.add((tag[2:], " ".join(words[i:j])))
+        found = {(e["entity_group"], e["word"].strip()) for e in ner(" ".join(words))}
+        hits, total = hits + len(expected & found), total + len(expected)
+    assert hits / total > results["eval_f1"] - 0.2, (hits, total, results["eval_f1"])
 
 
 def _task(tmp_path, rows, *args):

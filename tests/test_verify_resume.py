@@ -82,7 +82,7 @@ def test_a_loop_that_reshuffles_on_resume_is_caught_at_its_first_differing_step(
     (["--steps", "6", "--kill-at", "9", "task=clm"], "verify-resume: --kill-at must be in [2, 6], got 9"),
 ])
 def test_bad_options_are_one_line(args, message, capsys):
-    from notrainer.cli.run import main
+    from notrainer.cli.main import main
 
     assert main(["verify-resume", *args]) == 2
     assert capsys.readouterr().err.strip() == f"notrainer: error: {message}"

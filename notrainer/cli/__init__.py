@@ -1,8 +1,10 @@
 """The command line: plan a run once, then build and run it.
 
-`run.py` (the task registry, `parse_args`, `build`, the export policy; `python -m notrainer.run`),
-`config.py` (`TrainConfig`, parsing and `--help`), `aliases.py` (the Trainer's and the scripts'
-key names), `launch.py` (`notrainer launch`), `predict.py` (predictions files).
+`main.py` (the `notrainer` command: sub-commands, else a run), `run.py` (the task registry,
+`parse_args`, `plan`, `build`, the export policy; `python -m notrainer.run`), `launch.py`
+(`notrainer launch`), `verify_resume.py` (`notrainer verify-resume`), `predict.py` (predictions
+files), `hf_scripts.py` (the Hugging Face example scripts' arguments). The config itself
+(`TrainConfig`, parsing, aliases, `--help`) is `notrainer/config/`.
 
 The top layer: it may import everything below it (engine, data, modeling, observability,
 metrics, tasks); nothing imports it.

@@ -26,21 +26,9 @@ EXIT_USAGE = 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    # The `notrainer` console entry's sub-commands: `notrainer launch ...` (accelerate's
-    # launcher in-process, so a usage error ends in our one line) and `notrainer report RUN_DIR`.
+    """Train (evaluate, predict) with `key=value ...` settings; returns the exit status.
+    The `notrainer` command's sub-commands are dispatched before this (notrainer/cli/main.py)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["launch"]:
-        from notrainer.cli.launch import main as launch_main
-
-        return launch_main(argv[1:])
-    if argv[:1] == ["report"]:
-        from notrainer.observability.report import main as report_main
-
-        return report_main(argv[1:])
-    if argv[:1] == ["verify-resume"]:  # kill -9 and resume this run's own config: exact or not
-        from notrainer.cli.verify_resume import main as verify_main
-
-        return verify_main(argv[1:])
     from notrainer.engine.guards import EXIT_DIVERGED, TrainingDiverged
     from notrainer.engine.preemption import EXIT_PREEMPTED, Preempted
 
@@ -274,7 +262,7 @@ def build(cfg, task_cls):
         resume = dataclasses.replace(resume, model_checked=True)
         if base is not None:
             adapter_checkpoints.check_base(resume.path, base)
-    # streaming: raw["train"] is only a sample of the stream (data.load_streaming_raw); the
+    # streaming: raw["train"] is only a sample of the stream (data.raw.load_streaming_raw); the
     # training items are tokenized on the fly by task.train_stream, the other splits here.
     streaming = cfg.streaming and cfg.do_train
     to_prepare = {k: v for k, v in raw.items() if k != "train"} if streaming else raw

@@ -36,76 +36,25 @@ row equal to a held-out one (`held_out_keep`), on every rank, worker and pass.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import random
-from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 
+from notrainer.data.files import (STREAM_SAMPLE_ROWS, keeps_linebreaks, load_files, open_train_stream, resolve_files,
+                                  shard_error, split_format)
+from notrainer.data.streaming import array_row, dict_row, plain_row, tuple_row
+from notrainer.data.sources import (SOURCE_KEY, STOPS, Source, held_out_keep, is_mixture,  # noqa: F401 (re-exported)
+                                    normalized_weights, parse_mixture, row_key, rows_key)
 from notrainer.errors import UsageError, check
 
-#: the column each mixture item carries: the index of its source (taken off before collation)
-SOURCE_KEY = "_notrainer_source"
-STOPS = ("first_exhausted", "all_exhausted")
-
-
-@dataclass
-class Source:
-    path: Any  # anything train_file takes: a path, glob, folder or list
-    weight: float
-    index: int
-
-    @property
-    def name(self) -> str:
-        return f"train_file[{self.index}] ({self.path})"
-
-
 # ---------------------------------------------------------------------- the spec
-
-
-def is_mixture(spec) -> bool:
-    """A list of `{path: ..., weight: ...}` mappings (a plain list of paths is one source)."""
-    return isinstance(spec, (list, tuple)) and any(isinstance(s, dict) for s in spec)
-
-
-def parse_mixture(spec, key: str = "train_file") -> Optional[list[Source]]:
-    """The sources of a mixture spec, or None when `spec` is one source."""
-    if not is_mixture(spec):
-        return None
-    check(key == "train_file", f"{key}: a weighted list of sources works for train_file only; give {key} one source")
-    sources = []
-    for i, entry in enumerate(spec):
-        check(isinstance(entry, dict), f"{key}[{i}]={entry!r}: in a mixture every source is a mapping "
-                                       "{path: ..., weight: ...}")
-        unknown = sorted(set(entry) - {"path", "weight"})
-        check(not unknown, f"{key}[{i}]: unknown field(s) {', '.join(unknown)}; a source has path and weight")
-        check(entry.get("path") not in (None, ""), f"{key}[{i}]: a source needs path: ...")
-        weight = entry.get("weight", 1.0)
-        try:
-            weight = float(weight)
-        except (TypeError, ValueError):
-            raise UsageError(f"{key}[{i}] ({entry['path']}): weight must be a number, got {weight!r}") from None
-        check(weight > 0, f"{key}[{i}] ({entry['path']}): weight must be > 0, got {weight:g}")
-        sources.append(Source(entry["path"], weight, i))
-    return sources
-
-
-def normalized_weights(sources: list[Source]) -> tuple[list[float], Optional[str]]:
-    """(the weights summing to 1, the one-line note when they had to be normalised)."""
-    total = sum(s.weight for s in sources)
-    weights = [s.weight / total for s in sources]
-    if abs(total - 1.0) > 1e-9:
-        shown = ", ".join(f"{w:.4g}" for w in weights)
-        return weights, f"train_file: the mixture weights sum to {total:g}; normalised to {shown}"
-    return weights, None
 
 
 def check_data_spec(spec, key: str) -> None:
     """`TrainConfig.validate`'s check of a data key: every source matches files, one format per
     source (a mixture's sources may differ in format)."""
-    from notrainer.data.files import resolve_files, split_format
 
     sources = parse_mixture(spec, key)
     for source in sources or [Source(spec, 1.0, 0)]:
@@ -148,7 +97,6 @@ def interleave_map_style(parts: list, sources: list[Source], seed: int, stop: st
 def load_map_style(cfg):
     """train_file as a mixture, map-style: each source loaded as train_file loads one, then
     interleaved by weight (seeded, `mixture_stop`)."""
-    from notrainer.data.files import keeps_linebreaks, load_files
 
     sources = parse_mixture(cfg.train_file)
     parts = [load_files({"train": s.path}, keep_linebreaks=keeps_linebreaks(cfg))["train"] for s in sources]
@@ -156,29 +104,6 @@ def load_map_style(cfg):
 
 
 # ---------------------------------------------------------------------- held-out rows
-
-
-def row_key(batch: dict, i: int) -> bytes:
-    """A stable digest of row `i` of a column batch (the same in every process)."""
-    row = [[k, batch[k][i]] for k in sorted(batch)]
-    return hashlib.blake2b(json.dumps(row, default=str, ensure_ascii=False).encode(), digest_size=12).digest()
-
-
-def rows_key(row: dict) -> bytes:
-    return row_key({k: [v] for k, v in row.items()}, 0)
-
-
-def held_out_keep(held_out: frozenset, keep: Optional[Callable] = None) -> Optional[Callable]:
-    """A `PackedStream` keep function that also drops every held-out row."""
-    if not held_out:
-        return keep
-
-    def fn(batch):
-        n = len(next(iter(batch.values()))) if batch else 0
-        base = keep(batch) if keep is not None else [True] * n
-        return [b and row_key(batch, i) not in held_out for i, b in enumerate(base)]
-
-    return fn
 
 
 # ---------------------------------------------------------------------- streaming
@@ -211,7 +136,6 @@ class MixtureStream(torch.utils.data.IterableDataset):
                 "started": [False] * n, "empty": [False] * n, "buffer": [], "rng": None}
 
     def state_dict(self) -> dict:
-        from notrainer.data.streaming import plain_row
 
         live = self._live
         if live is None:
@@ -232,7 +156,6 @@ class MixtureStream(torch.utils.data.IterableDataset):
         return random.Random(f"mixture/{self.seed}/{self.rank}/{info.id if info else 0}")
 
     def __iter__(self):
-        from notrainer.data.streaming import array_row, dict_row, tuple_row
 
         st = self._resume or self._fresh()
         self._resume = None
@@ -310,7 +233,6 @@ def training_stream(cfg, make_part: Callable[..., Any], rank: int, world_size: i
 
     `make_part(files, rank=, world_size=, seed=, shuffle_buffer_size=, epochs=, held_out=, dataset=)`
     builds the task's own stream of one source (clm: packed blocks; sft: examples)."""
-    from notrainer.data.files import open_train_stream
 
     sources = parse_mixture(cfg.train_file)
     held = held_out_keys(cfg)
@@ -335,7 +257,6 @@ def training_stream(cfg, make_part: Callable[..., Any], rank: int, world_size: i
 def validation_rows(cfg) -> int:
     """Rows held out from the start of each source (0: none): `validation_rows`, else
     validation_split_percentage percent of the stream's first STREAM_SAMPLE_ROWS rows."""
-    from notrainer.data.files import STREAM_SAMPLE_ROWS
 
     if not cfg.do_eval or cfg.validation_file or getattr(cfg, "validation_split_percentage", 0) <= 0 \
             and getattr(cfg, "validation_rows", None) is None:
@@ -346,7 +267,6 @@ def validation_rows(cfg) -> int:
 
 def source_streams(cfg) -> list:
     """One unsplit `datasets.IterableDataset` per source (one for a plain train_file)."""
-    from notrainer.data.files import keeps_linebreaks, load_files, open_train_stream
 
     sources = parse_mixture(cfg.train_file)
     if sources is None:
@@ -358,7 +278,6 @@ def source_streams(cfg) -> list:
 def first_rows(stream, n: int, files) -> list[dict]:
     from itertools import islice
 
-    from notrainer.data.files import resolve_files, shard_error
 
     try:
         return list(islice(iter(stream), n))

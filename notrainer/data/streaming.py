@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from notrainer.data.files import load_files, resolve_files, shard_error, split_format
-from notrainer.data.mixture import SOURCE_KEY, held_out_keep
+from notrainer.data.sources import SOURCE_KEY, held_out_keep
 from notrainer.errors import UsageError, check
 
 Batch = dict[str, list]  # a `datasets.map`-style batch: column -> values

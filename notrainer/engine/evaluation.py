@@ -3,7 +3,7 @@
 `evaluate(loop)` is `Loop.evaluate`: it runs the loop's eval_loader through `eval_fn` (default:
 the loss spread over each batch's examples), gathers per-example outputs from every rank with
 `gather_for_metrics` (so an uneven last batch counts once), computes the metrics and returns
-them. It changes no training state: the loop records the result (`Loop._record_eval`).
+them. It changes no training state: `record(loop, metrics)` is what the loop does with them.
 `should_stop()`, asked before each batch, abandons the pass with `EvaluationAbandoned` (a stop
 signal during a long evaluation: the run checkpoints and exits within seconds).
 """
@@ -98,8 +98,8 @@ def evaluate_in_training(loop) -> None:
     try:
         metrics = evaluate(loop, should_stop=functools.partial(signal_seen, loop))
     except EvaluationAbandoned:
-        loop.state.eval_pending, loop._stop = True, "preempted"
-        loop.accelerator.print(f"step {loop.state.global_step}: evaluation abandoned for {loop._signals.received}; "
+        loop.state.eval_pending, loop.stop_reason = True, "preempted"
+        loop.accelerator.print(f"step {loop.state.global_step}: evaluation abandoned for {loop.signals.received}; "
                                "the resumed run evaluates this step first")
         return
     loop.state.eval_pending = False
@@ -107,7 +107,7 @@ def evaluate_in_training(loop) -> None:
 
 
 def signal_seen(loop) -> bool:
-    seen = loop._signals is not None and loop._signals.received is not None
+    seen = loop.signals is not None and loop.signals.received is not None
     acc = loop.accelerator
     if acc.num_processes == 1:
         return seen
@@ -123,10 +123,10 @@ def record(loop, metrics: dict) -> None:
     state.last_eval_step = state.global_step
     loop.results.update(metrics)
     if loop.metric_for_best_model:
-        loop._track_best(metrics)
-    if loop._history:
+        loop.track_best(metrics)
+    if loop.write_history:
         best = state.best_metric if loop.metric_for_best_model else None
-        history.append(loop.output_dir, history.eval_record(state.global_step, loop._epoch_float(),
+        history.append(loop.output_dir, history.eval_record(state.global_step, loop.epoch_float(),
                                                             metrics, best_metric=best))
     if loop.accelerator.trackers:
         loop.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))},

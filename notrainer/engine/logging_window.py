@@ -97,10 +97,10 @@ def training_results(loop, runtime: float, start_step: int, start_tokens: int) -
         train_steps_per_second=round((state.global_step - start_step) / max(runtime, 1e-9), 3),
         train_tokens_per_second=round((state.tokens_seen - start_tokens) / max(runtime, 1e-9), 1),
         global_step=state.global_step,
-        epoch=round(loop._epoch_float(), 4),
+        epoch=round(loop.epoch_float(), 4),
     )
     # train_samples_per_second, train_mfu (when the peak is known), train_peak_memory_gib (CUDA)
     results.update(loop.meter.summary(runtime, results["train_tokens_per_second"],
                                            loop.accelerator.num_processes))
-    results.update(loop._loader_counters())
+    results.update(loop.loader_counters())
     return results

@@ -102,10 +102,10 @@ class Loop:
         self.state.layout = elastic.layout(acc.num_processes, getattr(train_loader, "batch_size", None),
                                            self.gradient_accumulation_steps)
         self.results: dict[str, float] = {}
-        self._stop: str | None = None  # why training stops early: "preempted", "early stopping"
-        self._checkpoint_requested = False  # a timed checkpoint or a new best, due at this step's end
-        self._signals: preemption.StopSignal | None = None
-        self._history = False  # log_history.jsonl is written by fit() on the main process
+        self.stop_reason: str | None = None  # why training stops early: "preempted", "early stopping"
+        self.checkpoint_requested = False  # a timed checkpoint or a new best, due at this step's end
+        self.signals: preemption.StopSignal | None = None
+        self.write_history = False  # log_history.jsonl is written by fit() on the main process
         self._bar = None
         self.eval_seconds = 0.0  # time spent evaluating inside training, kept out of the rates
         self.window = LoggingWindow(acc.device)
@@ -129,13 +129,13 @@ class Loop:
                          disable=not (cfg.progress and acc.is_local_main_process), dynamic_ncols=True)
         # SIGTERM, SIGINT and SIGUSR1 only raise a flag: the loop checkpoints at the next step
         # boundary (or abandons an evaluation) and exits with preemption.EXIT_PREEMPTED.
-        self._signals = preemption.StopSignal().install()
+        self.signals = preemption.StopSignal().install()
         # Every way out of training (done, preempted, diverged, an error in a metric) passes
         # here: the user's signal handlers come back, the bar and the trackers are closed.
         try:
             self._train()
         finally:
-            self._signals.restore()
+            self.signals.restore()
             self._bar.close()
             compat.finish_trackers(acc)  # not end_training(): the process group is the launcher's
         loop_events.emit(self.events, "on_train_end", self, self.results)  # a finished run only
@@ -144,10 +144,10 @@ class Loop:
     def _start_history(self) -> None:
         """log_history.jsonl: a resumed run drops the records after its checkpoint's step (the
         killed run logged them; they are logged again), a fresh run starts an empty one."""
-        self._history = self.accelerator.is_main_process
-        if self._history and self.state.global_step:
+        self.write_history = self.accelerator.is_main_process
+        if self.write_history and self.state.global_step:
             history.truncate_after(self.output_dir, self.state.global_step)
-        elif self._history:
+        elif self.write_history:
             history.reset(self.output_dir)
 
     def _train(self) -> None:
@@ -184,13 +184,13 @@ class Loop:
                 self._checkpoint_if_due()
             if self._done():
                 break
-        if not self._stop and batches.epoch_complete:  # the last step ended an epoch: it ends too
+        if not self.stop_reason and batches.epoch_complete:  # the last step ended an epoch: it ends too
             self._end_epoch()
 
-        if self._stop == "preempted":
+        if self.stop_reason == "preempted":
             # Checkpoint (a no-op when this step was just saved) and exit for a requeue.
             path = self.save_checkpoint()
-            raise preemption.Preempted(f"stopped by {self._signals.received} at step {state.global_step}; "
+            raise preemption.Preempted(f"stopped by {self.signals.received} at step {state.global_step}; "
                                        f"checkpoint {path}; resume_from_checkpoint=auto continues")
         if self.window.steps:
             self._log()
@@ -201,7 +201,7 @@ class Loop:
             evaluation.record(self, self.evaluate())
         if self.metric_for_best_model:
             self.results.update(best_metric=state.best_metric, best_step=state.best_step)
-            if self._stop:
+            if self.stop_reason:
                 self.results["stopped_early_at_step"] = state.global_step
         # The exported model is the best one; its metrics are the ones reported.
         if cfg.load_best_model_at_end and ckpt.restore_best(acc, state, self.output_dir, self.metric_for_best_model):
@@ -215,11 +215,11 @@ class Loop:
         step.train_step(self, window)
 
     def _done(self) -> bool:
-        return bool(self._stop) or self.state.global_step >= self.max_train_steps
+        return bool(self.stop_reason) or self.state.global_step >= self.max_train_steps
 
     def request_stop(self, reason: str) -> None:
         """Stop training at the next step boundary (for events; a finished run, not a preemption)."""
-        self._stop = self._stop or reason
+        self.stop_reason = self.stop_reason or reason
 
     def _end_epoch(self) -> None:
         state = self.state
@@ -232,17 +232,17 @@ class Loop:
 
     def _log(self) -> None:
         lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.optimizer.param_groups[0]["lr"]
-        logs = self.window.flush(self.accelerator, self.state, learning_rate=lr, epoch=self._epoch_float(),
+        logs = self.window.flush(self.accelerator, self.state, learning_rate=lr, epoch=self.epoch_float(),
                                  meter=self.meter, clipping=self.config.max_grad_norm > 0)
-        logs.update(self._loader_counters())  # a data mixture: examples and tokens per source
-        if self._history:
+        logs.update(self.loader_counters())  # a data mixture: examples and tokens per source
+        if self.write_history:
             history.append(self.output_dir, history.train_record(self.state.global_step, **logs))
         if self.accelerator.trackers:
             self.accelerator.log(logs, step=self.state.global_step)
         if self._bar is not None:
             self._bar.set_postfix(postfix(logs), refresh=False)
 
-    def _loader_counters(self) -> dict[str, int]:
+    def loader_counters(self) -> dict[str, int]:
         """Counters a train loader keeps itself (`counters()`: a data mixture's examples and
         tokens per source, see notrainer/data/mixture.py), summed over ranks, as `train_<name>`."""
         counters = getattr(self.train_loader, "counters", None)
@@ -255,7 +255,7 @@ class Loop:
                            reduction="sum")
         return {f"train_{n}": int(v) for n, v in zip(names, total.tolist())}
 
-    def _epoch_float(self) -> float:
+    def epoch_float(self) -> float:
         batches = len(self.train_loader) if self.steps_per_epoch else 0
         return self.state.epoch + (self.state.step_in_epoch / batches if batches else 0.0)
 
@@ -279,7 +279,7 @@ class Loop:
         # tokens_seen and train_loss_sum are exact and a resumed run reports the same results.
         if self.window.steps:
             self._log()
-        self._checkpoint_requested = False
+        self.checkpoint_requested = False
         if self.stateful_loader:  # checkpoints are taken between steps: the position after this one
             self.state.loader_state = self.train_loader.state_dict()
         before = self.state.last_saved
@@ -301,19 +301,19 @@ class Loop:
             on_schedule = every == "epoch"
         else:
             on_schedule = every not in (None, "epoch") and self.state.global_step % int(every) == 0
-        return on_schedule or self._checkpoint_requested
+        return on_schedule or self.checkpoint_requested
 
-    def _track_best(self, metrics: dict) -> None:
+    def track_best(self, metrics: dict) -> None:
         cfg, state = self.config, self.state
         improved = ckpt.update_best(state, metrics, self.metric_for_best_model, self.greater_is_better,
                                     cfg.early_stopping_threshold)
         # A new best is checkpointed at once (when checkpoints are on at all), so retention can
         # keep it and load_best_model_at_end can export it.
         checkpoints_on = cfg.checkpointing_steps or cfg.checkpointing_minutes or cfg.load_best_model_at_end
-        self._checkpoint_requested |= bool(improved and checkpoints_on)
+        self.checkpoint_requested |= bool(improved and checkpoints_on)
         patience = cfg.early_stopping_patience
         if patience and state.evals_without_improvement >= patience:
-            self._stop = self._stop or "early stopping"
+            self.stop_reason = self.stop_reason or "early stopping"
             self.accelerator.print(f"early stopping: {self.metric_for_best_model} did not improve in {patience} "
                                    f"evaluations (best {state.best_metric:.6g} at step {state.best_step})")
 

@@ -28,7 +28,7 @@ def prepare(loop, model, optimizer, train_loader, eval_loader, scheduler) -> Non
     # A schedule that DeepSpeed builds (a factory marked `with_model`: accelerate's DummyScheduler for
     # a recipe's own optimizer/scheduler sections) is prepared with the model, so its length is
     # counted before prepare, from the loader as it will be sharded.
-    early = scheduler(optimizer, loop._planned_steps(train_loader)) if getattr(scheduler, "with_model", False) else None
+    early = scheduler(optimizer, _planned_steps(loop, train_loader)) if getattr(scheduler, "with_model", False) else None
     prepared = list(acc.prepare(model, optimizer, *loaders, *([early] if early is not None else [])))
     early = prepared.pop() if early is not None else None
     loop.model, loop.optimizer = prepared[:2]

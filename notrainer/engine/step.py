@@ -55,11 +55,11 @@ def train_step(loop, window: list) -> None:
     # acted on at this step's boundary.
     limit = loop.config.max_nonfinite_steps
     flags = guards.step_flags(acc, loop.state, step_loss, grad_norm, check_nonfinite=limit > 0,
-                              stop_requested=loop._signals is not None and loop._signals.received is not None,
+                              stop_requested=loop.signals is not None and loop.signals.received is not None,
                               checkpointing_minutes=loop.config.checkpointing_minutes)
-    loop._checkpoint_requested |= flags.checkpoint_due
+    loop.checkpoint_requested |= flags.checkpoint_due
     if flags.stop_signal:
-        loop._stop = "preempted"
+        loop.stop_reason = "preempted"
     if not flags.nonfinite:
         loop.state.nonfinite_in_a_row = 0
     elif guards.skip_nonfinite_step(acc, loop.optimizer, loop.state, limit):  # raises after `limit` in a row

@@ -25,26 +25,12 @@ import os
 from notrainer import compat
 from notrainer.errors import UsageError, check, first_line
 from notrainer.modeling import peft_methods
-from notrainer.modeling.loading import adapter_base, is_quantized  # noqa: F401 - adapter_base is part of this module API
+from notrainer.modeling.peft_support import (PEFT_TASK_TYPES, default_target_modules,  # noqa: F401 (re-exported)
+                                             for_kbit_training, import_peft)
+from notrainer.modeling.loading import adapter_base  # noqa: F401 - adapter_base is part of this module API
 
-#: task's Auto class -> peft task type (decides which head stays trainable and saved)
-PEFT_TASK_TYPES = {
-    "AutoModelForCausalLM": "CAUSAL_LM",
-    "AutoModelForSeq2SeqLM": "SEQ_2_SEQ_LM",
-    "AutoModelForSequenceClassification": "SEQ_CLS",
-    "AutoModelForTokenClassification": "TOKEN_CLS",
-    "AutoModelForQuestionAnswering": "QUESTION_ANS",
-}
 BASE_DIR = "base_model"
 MERGED_DIR = "merged"
-
-
-def default_target_modules(model) -> list[str] | str:
-    """peft's per-architecture default (q/v projections for llama, c_attn for gpt2, query/value
-    for bert ...), else every linear layer except the output head."""
-    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
-
-    return defaults.get(getattr(model.config, "model_type", None), "all-linear")
 
 
 def from_pretrained(cls, path, **kwargs):
@@ -53,33 +39,8 @@ def from_pretrained(cls, path, **kwargs):
     base = adapter_base(path)
     if base is None:
         return cls.from_pretrained(path, **kwargs)
-    peft = _import_peft(f"model_name_or_path={path} is a LoRA adapter folder")
-    return peft.PeftModel.from_pretrained(_for_kbit_training(cls.from_pretrained(base, **kwargs)), path, is_trainable=True)
-
-
-def _for_kbit_training(model):
-    """A base loaded quantized (QLoRA, notrainer/modeling/loading.py) gets peft's k-bit preparation: its
-    remaining 16-bit weights (norms, embeddings, head) in fp32 and frozen. Gradient checkpointing
-    is left to run.build, as for any model."""
-
-    if not is_quantized(model):
-        return model
-    for module in model.modules():
-        # bitsandbytes' CPU fast path (AVX512-BF16) repacks a 4-bit weight at its first no-grad
-        # forward in eval mode and keeps it so: the training steps after an evaluation then run a
-        # kernel without a backward, and the adapters below it get no gradient, silently.
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    peft = _import_peft("quantization")
-    return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-
-
-def _import_peft(why: str):
-    try:
-        import peft
-    except ImportError:
-        raise UsageError(f"{why}: that needs peft: pip install 'notrainer[peft]'") from None
-    return peft
+    peft = import_peft(f"model_name_or_path={path} is a LoRA adapter folder")
+    return peft.PeftModel.from_pretrained(for_kbit_training(cls.from_pretrained(base, **kwargs)), path, is_trainable=True)
 
 
 def apply_lora(model, cfg, task=None):
@@ -97,7 +58,7 @@ def apply_lora(model, cfg, task=None):
         return model
     if method != "lora":
         return peft_methods.apply(model, cfg, task)
-    peft = _import_peft("lora.r > 0")
+    peft = import_peft("lora.r > 0")
     check(lc.alpha > 0, "lora.alpha must be > 0")
     check(0.0 <= lc.dropout < 1.0, "lora.dropout must be in [0, 1)")
     check(hasattr(model, "config"), "lora.r > 0 needs a transformers model (one with a .config)")
@@ -105,7 +66,7 @@ def apply_lora(model, cfg, task=None):
     config = peft_methods.build_config(cfg, "lora", task_type, model)  # lora.*, plus peft.* options
     targets = config.target_modules
     try:
-        model = peft.get_peft_model(_for_kbit_training(model), config)
+        model = peft.get_peft_model(for_kbit_training(model), config)
     except ValueError as e:  # e.g. a target module name that matches nothing
         raise UsageError(f"lora.target_modules={targets}: {first_line(e)}") from None
     if peft_methods.wants_merge(cfg):

@@ -29,6 +29,7 @@ import dataclasses
 import sys
 
 from notrainer.errors import UsageError, check, did_you_mean, first_line
+from notrainer.modeling.peft_support import PEFT_TASK_TYPES, default_target_modules, for_kbit_training, import_peft
 
 #: peft.method= value -> (peft config class name, what it trains)
 METHODS = {
@@ -53,14 +54,6 @@ SET_HERE = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_mode
 #: LoRA's fields that have a lora.* key: one source each
 LORA_KEYS = {"r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
              "target_modules": "lora.target_modules"}
-
-
-def _import_peft(why: str):
-    try:
-        import peft
-    except ImportError:
-        raise UsageError(f"{why}: that needs peft: pip install 'notrainer[peft]'") from None
-    return peft
 
 
 def method_of(cfg) -> str | None:
@@ -94,7 +87,7 @@ def _plain(value):
 
 
 def config_class(method: str):
-    peft = _import_peft(f"peft.method={method}")
+    peft = import_peft(f"peft.method={method}")
     return getattr(peft, METHODS[method][0])
 
 
@@ -145,7 +138,6 @@ def build_config(cfg, method: str, task_type: str | None, model=None):
         lc = cfg.lora
         targets = list(lc.target_modules) if lc.target_modules else None
         if targets is None and model is not None:
-            from notrainer.modeling.lora import default_target_modules
 
             targets = default_target_modules(model)
         kwargs.update(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets)
@@ -158,17 +150,15 @@ def build_config(cfg, method: str, task_type: str | None, model=None):
 
 def _default_targets(model):
     """LoHa/LoKr: peft's per-architecture table (the LoRA one), else every linear layer."""
-    from notrainer.modeling.lora import default_target_modules
 
     return default_target_modules(model)
 
 
 def apply(model, cfg, task=None):
     """`model` wrapped in a peft model for the run's method (not LoRA's: see lora.apply_lora)."""
-    from notrainer.modeling.lora import PEFT_TASK_TYPES, _for_kbit_training
 
     method = method_of(cfg)
-    peft = _import_peft(f"peft.method={method}")
+    peft = import_peft(f"peft.method={method}")
     check(hasattr(model, "config"), f"peft.method={method} needs a transformers model (one with a .config)")
     task_type = PEFT_TASK_TYPES.get(getattr(task, "auto_model", None))
     if method in PROMPT_LEARNING:
@@ -187,7 +177,7 @@ def apply(model, cfg, task=None):
                                              "use prompt_tuning or p_tuning")
     config = build_config(cfg, method, task_type, model)
     try:
-        model = peft.get_peft_model(_for_kbit_training(model), config)
+        model = peft.get_peft_model(for_kbit_training(model), config)
     except (ValueError, TypeError, KeyError) as e:  # a target module that matches nothing, an unsupported model
         raise UsageError(f"peft.method={method}: {first_line(e)}") from None
     if method in ("prompt_tuning", "p_tuning") and task_type == "CAUSAL_LM":
