@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +187,9 @@ from notrainer.tasks.image_classification import ImageClassificationTask
 
 class SlowImages(ImageClassificationTask):
     def loss(self, model, batch):
+        if os.environ.get("SLOW_STEP_MARKER"):
+            with open(os.environ["SLOW_STEP_MARKER"] + "." + os.environ.get("RANK", "0"), "a") as f:
+                f.write("batch\\n")
         time.sleep(float(os.environ.get("SLOW_STEP_SECONDS", "0")))
         return super().loss(model, batch)
 '''
@@ -197,18 +199,18 @@ RESUME_ARGS = ["report_to=none", "max_train_steps=12", "checkpointing_steps=4", 
 
 @pytest.mark.slow
 def test_kill9_then_resume_is_bitwise_equal(tmp_path):
-    from dist_helpers import kill9_tree, wait_for
+    from dist_helpers import kill9_tree, wait_past_checkpoint
 
     (tmp_path / "slow.py").write_text(SLOW_TASK)
     args = [f"task={tmp_path / 'slow.py'}:SlowImages", *RESUME_ARGS]
     ref, out = tmp_path / "ref", tmp_path / "run"
     with one_thread():
         run_cli(*args, output_dir=ref)
-    env = {**os.environ, **CPU_ENV, "SLOW_STEP_SECONDS": "0.3"}
+    marker = tmp_path / "batches"
+    env = {**os.environ, **CPU_ENV, "SLOW_STEP_SECONDS": "0.3", "SLOW_STEP_MARKER": str(marker)}
     proc = subprocess.Popen(launch_command(["-m", "notrainer.run", *args, f"output_dir={out}"]), env=env,
                             cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(out / "checkpoints" / "step_4" / "COMPLETE", proc, timeout=400)
-    time.sleep(0.5)
+    wait_past_checkpoint(out, 4, marker, proc, timeout=400)  # a kill between step 4's and step 8's checkpoints
     kill9_tree(proc)
     assert not (out / "checkpoints" / "step_8").exists() and not (out / "model.safetensors").exists()
     with one_thread():

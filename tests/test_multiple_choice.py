@@ -9,11 +9,10 @@ import os
 import random
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import CPU_ENV, REPO, launch_command, one_thread, read_results, run_cli
-from dist_helpers import kill9_tree, wait_for
+from dist_helpers import kill9_tree, wait_past_checkpoint
 
 from notrainer.errors import UsageError
 from notrainer.tasks.multiple_choice import KINDS, builtin_questions
@@ -218,6 +217,9 @@ from notrainer.tasks.multiple_choice import MultipleChoiceTask
 class SlowMultipleChoice(MultipleChoiceTask):
     """The built-in task with a pause in each micro-batch, so that a kill lands between checkpoints."""
     def loss(self, model, batch):
+        if os.environ.get("SLOW_STEP_MARKER"):
+            with open(os.environ["SLOW_STEP_MARKER"] + "." + os.environ.get("RANK", "0"), "a") as f:
+                f.write("batch\\n")
         time.sleep(float(os.environ.get("SLOW_STEP_SECONDS", "0")))
         return super().loss(model, batch)
 '''
@@ -233,11 +235,11 @@ def test_kill9_then_auto_resume_is_bitwise_equal(tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "run"
     with one_thread():
         run_cli(*args, output_dir=ref)
-    env = {**os.environ, **CPU_ENV, "SLOW_STEP_SECONDS": "0.3"}
+    marker = tmp_path / "batches"
+    env = {**os.environ, **CPU_ENV, "SLOW_STEP_SECONDS": "0.3", "SLOW_STEP_MARKER": str(marker)}
     proc = subprocess.Popen(launch_command(["-m", "notrainer.run", *args, f"output_dir={out}"]), env=env,
                             cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(out / "checkpoints" / "step_4" / "COMPLETE", proc, timeout=400)
-    time.sleep(0.8)  # into the next checkpoint interval
+    wait_past_checkpoint(out, 4, marker, proc, timeout=400)  # a kill between step 4's and step 8's checkpoints
     kill9_tree(proc)
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")) == ["step_4"]
     assert not (out / "model.safetensors").exists()
