@@ -55,8 +55,11 @@ class ImageClassificationConfig(TrainConfig):
     horizontal_flip: bool = key(True, "with augment: flip half of the training images left-right")
     crop_scale_min: float = key(0.08, "with augment: smallest area fraction of a random resized crop")
 
+    def task_reads_itself(self, value) -> bool:
+        return vision.is_image_folder(value)  # class / pair / image folders: read by the task, not as data files
+
     def validate(self) -> None:
-        vision.validate_with_folders(self, super().validate)  # image folders are read by the task, not as data files
+        super().validate()
         check(0 < self.crop_scale_min <= 1, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         check(self.image_size >= 8, f"image_size must be >= 8, got {self.image_size}")
         named = [c for c in (self.image_column, self.label_column) if c]

@@ -73,28 +73,6 @@ def is_image_folder(path) -> bool:
         is_class_folder(path) or is_pair_folder(path) or _has_images(path))
 
 
-def validate_with_folders(cfg, validate) -> None:
-    """Run the shared `TrainConfig.validate` (which checks data keys as data files) with the
-    image folders among train_file/validation_file/test_file set aside: the task reads those."""
-    names = ("train_file", "validation_file", "test_file")
-    saved = {n: getattr(cfg, n) for n in names if is_image_folder(getattr(cfg, n))}
-    predict = cfg.do_predict
-    for n in saved:
-        setattr(cfg, n, None)
-    if "test_file" in saved:
-        cfg.do_predict = False
-    try:
-        validate()
-    finally:
-        for n, v in saved.items():
-            setattr(cfg, n, v)
-        if "test_file" in saved and cfg.mode != "eval":
-            cfg.do_predict = predict or cfg.mode == "predict"
-    if cfg.do_predict:
-        check(cfg.do_train or cfg.model_name_or_path is not None,
-              "do_predict=true without training needs model_name_or_path=... (a trained run's output_dir)")
-
-
 def class_folder(root: str, key_name: str) -> dict[str, list]:
     """An image folder (root/<class>/<image>): {"image": paths, "label": class names}. A file
     beside the class folders, an empty class folder or a file that is not an image is refused."""

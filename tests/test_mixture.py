@@ -163,6 +163,20 @@ def test_the_held_out_split_of_a_stream_is_never_trained_on(corpus):
     assert seen[2] == docs - held  # everything but the held-out rows is trained on
 
 
+def test_a_held_out_split_larger_than_the_sample_is_read_whole(tmp_path):
+    """validation_rows above the 1000 rows sampled up front: the evaluation split is still
+    exactly the rows the training stream skips."""
+    from notrainer.cli.run import parse_args
+    from notrainer.data.raw import load_streaming_raw
+
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(1500)))
+    cfg, _ = parse_args(["task=clm", f"train_file={path}", "streaming=true", "max_train_steps=5",
+                         "validation_rows=1200"])
+    raw = load_streaming_raw(cfg)
+    assert raw["validation"]["text"] == [f"row {i}" for i in range(1200)]
+
+
 def test_a_three_source_mixture_trains_with_per_source_counts(corpus, tmp_path, one_thread_per_module):
     spec = _spec((corpus["web"], 5), (corpus["code"], 3), (corpus["books"], 2))
     steps, batch, block = 60, 8, 32

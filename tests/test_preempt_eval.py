@@ -57,6 +57,7 @@ def test_sigterm_during_a_long_evaluation_exits_75_within_seconds_then_resumes_e
         kill9_tree(proc)
         raise AssertionError("the run did not exit within 60 s of SIGTERM") from None
     took = time.monotonic() - sent
+    print(f"SIGTERM to exit: {took:.1f} s (finishing the pass would take > 60 s)")
     assert proc.returncode == 75, stderr[-3000:]
     assert took < 10, f"exit {took:.1f} s after SIGTERM"
     assert "evaluation abandoned for SIGTERM" in stdout + stderr

@@ -11,7 +11,8 @@ It runs the given configuration three times in a scratch folder, each as its own
 
 Then it prints the loss of every step of both, the largest difference of the final weights and
 one verdict line: `exact` (exit 0), `within tolerance` or where the runs first diverged (exit 1).
-A run that fails is reported with its last lines (exit 2).
+A run that fails is reported with its last lines (exit 1; exit 2 when the uninterrupted run
+itself refuses the settings, a usage error).
 
     notrainer verify-resume task=clm model_name_or_path=gpt2 train_file=data/*.jsonl.gz streaming=true
     notrainer verify-resume --kill-at 5 --multi_gpu --num_processes 2 config=run.yaml

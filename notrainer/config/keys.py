@@ -134,6 +134,12 @@ class TrainConfig(LoopConfig):
     def resolved_output_dir(self) -> str:
         return self.output_dir or os.path.join("runs", short_task_name(self.task))
 
+    def task_reads_itself(self, value) -> bool:
+        """Whether a train_file/validation_file/test_file value is something the task reads
+        itself rather than data files (the vision tasks' image folders); validate() then leaves
+        its checks to the task."""
+        return False
+
     def validate(self) -> None:
         """Cross-field checks that types alone cannot express. Raise UsageError."""
         super().validate()
@@ -175,8 +181,9 @@ class TrainConfig(LoopConfig):
         from notrainer.data.mixture import check_data_spec
 
         for name in ("train_file", "validation_file", "test_file"):
-            if getattr(self, name):  # a file, glob, folder or list (or weighted sources): each must match,
-                check_data_spec(getattr(self, name), name)  # one format per split (per source)
+            value = getattr(self, name)
+            if value and not self.task_reads_itself(value):  # a file, glob, folder or list (or weighted
+                check_data_spec(value, name)  # sources): each must match, one format per split (per source)
         if self.do_predict:
             check(self.test_file is not None or self.dataset_name is not None,
                   "do_predict=true needs test_file=... (the data to predict on)")

@@ -27,8 +27,10 @@ def load_streaming_raw(cfg):
     sources = mixture.parse_mixture(cfg.train_file)
     paths = [s.path for s in sources] if sources else [cfg.train_file]
     samples = []
+    held = mixture.validation_rows(cfg)
     for stream, path in zip(mixture.source_streams(cfg), paths):
-        rows = mixture.first_rows(stream, STREAM_SAMPLE_ROWS, path)
+        # enough rows for the held-out split too (the training stream skips all of them)
+        rows = mixture.first_rows(stream, max(STREAM_SAMPLE_ROWS, held), path)
         check(bool(rows), f"the training stream is empty{f' (train_file={path})' if sources else ''}")
         samples.append(rows)
     if sources:
@@ -36,7 +38,6 @@ def load_streaming_raw(cfg):
         mixture.note(mixture.normalized_weights(sources)[1])
     rows = [r for part in samples for r in part]
     raw = {"train": datasets.Dataset.from_list(rows)}
-    held = mixture.validation_rows(cfg)
     if held:  # the first rows of each source (never trained on: the stream skips them)
         raw["validation"] = datasets.Dataset.from_list([r for part in samples for r in part[:held]])
     files = {k: v for k, v in (("validation", cfg.validation_file if cfg.do_eval else None),

@@ -172,7 +172,7 @@ def apply(model, cfg, task=None):
         check(not cfg.gradient_checkpointing, f"peft.method={method} with gradient_checkpointing=true is not "
                                               "supported here (nothing frozen to save memory on); drop it")
     if method == "prefix_tuning":
-        check(_takes_past_key_values(model), f"peft.method=prefix_tuning: peft cannot hand its prefixes to "
+        check(_takes_past_key_values(model, task_type), f"peft.method=prefix_tuning: peft cannot hand its prefixes to "
                                              f"{type(model).__name__} (its forward takes no past_key_values); "
                                              "use prompt_tuning or p_tuning")
     config = build_config(cfg, method, task_type, model)
@@ -187,15 +187,16 @@ def apply(model, cfg, task=None):
     return model
 
 
-def _takes_past_key_values(model) -> bool:
-    """Whether the model's forward takes a key/value cache, where peft puts the prefixes.
-    transformers 5.24 renamed the argument `past_key_values` to `cache` (the old name still
-    works, through **kwargs, until 5.40), so either name counts."""
+def _takes_past_key_values(model, task_type: str) -> bool:
+    """Whether peft can hand the prefixes (a key/value cache) to this model. For a language model
+    (causal or seq2seq) peft passes `past_key_values=`, which transformers 5.24 still accepts
+    under its new name `cache` (a shim until 5.40); for the other task types peft looks for a
+    `past_key_values` parameter by name, on the model or its backbone."""
     import inspect
 
+    names = {"past_key_values", "cache"} if task_type in ("CAUSAL_LM", "SEQ_2_SEQ_LM") else {"past_key_values"}
     backbone = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
-    return any(m is not None and {"past_key_values", "cache"} & set(inspect.signature(m.forward).parameters)
-               for m in (model, backbone))
+    return any(m is not None and names & set(inspect.signature(m.forward).parameters) for m in (model, backbone))
 
 
 def _drop_virtual_token_logits(module, args, kwargs, output):
