@@ -58,6 +58,8 @@ class CLMTask(Task):
     embedded_defaults = dict(learning_rate=2e-3, num_train_epochs=6.0, per_device_train_batch_size=16,
                              per_device_eval_batch_size=16, block_size=64, warmup_ratio=0.05,
                              lr_scheduler_type="cosine", weight_decay=0.01)
+    #: with the user's data block_size keeps the scripts' default (min(1024, the model's positions))
+    data_length_keys = ("block_size",)
 
     # ------------------------------------------------------------------ data
 
@@ -218,18 +220,23 @@ def sliding_windows(ids: list[int], block: int, stride: int) -> tuple[list[list[
 
 
 def sliding_window_dataset(tokenized, block: int, stride: int, cfg):
-    """The tokenized validation split (one row per document) -> its sliding windows: the
-    documents are concatenated as for training, in one map batch (not per worker or per 1000
-    rows), so no token is dropped."""
+    """The tokenized validation split (one row per document) -> its sliding windows over exactly
+    the token sequence the non-overlapping blocks cover: the same map batches as the blocks'
+    `group` (map_splits: 1000 rows a batch, `preprocessing_num_workers` shards), each batch's
+    documents concatenated and cut to whole blocks (its remainder dropped, as group_into_blocks
+    drops it). So stride = block gives the blocks themselves, and a smaller stride scores the
+    same text with more context (plus each block's first token, which a block cannot score)."""
     def windows(batch):
         ids = list(chain.from_iterable(batch["input_ids"]))
-        check(len(ids) >= 2, "the validation text has fewer than 2 tokens: nothing to score with eval_stride")
-        input_ids, labels = sliding_windows(ids, block, stride)
+        ids = ids[:len(ids) // block * block]
+        input_ids, labels = sliding_windows(ids, block, stride) if ids else ([], [])
         return {"input_ids": input_ids, "labels": labels}
 
-    return tokenized.map(windows, batched=True, batch_size=None, remove_columns=tokenized.column_names,
-                         load_from_cache_file=not cfg.overwrite_cache,
-                         desc=f"sliding windows of {block} tokens, stride {stride}:")
+    out = map_splits({"validation": tokenized}, windows, cfg,
+                     desc=f"sliding windows of {block} tokens, stride {stride}:")["validation"]
+    check(len(out) > 0, f"the validation text is shorter than one block of {block} tokens: nothing to score "
+                        "with eval_stride; lower block_size or add validation data")
+    return out
 
 
 def perplexity(eval_loss) -> dict[str, float]:

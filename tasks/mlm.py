@@ -57,6 +57,8 @@ class MLMTask(Task):
     embedded_defaults = dict(learning_rate=1e-3, num_train_epochs=40.0, per_device_train_batch_size=16,
                              per_device_eval_batch_size=32, max_seq_length=64, warmup_ratio=0.02,
                              lr_scheduler_type="constant_with_warmup", weight_decay=0.01)
+    #: with the user's data max_seq_length keeps the scripts' default (the model's positions, at most 512)
+    data_length_keys = ("max_seq_length",)
 
     # ------------------------------------------------------------------ data
 

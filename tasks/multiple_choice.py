@@ -77,6 +77,8 @@ class MultipleChoiceTask(Task):
     tokenizer_style = "bert"
     embedded_defaults = dict(learning_rate=2e-3, num_train_epochs=8.0, per_device_train_batch_size=32,
                              per_device_eval_batch_size=64, max_seq_length=32, warmup_ratio=0.1, weight_decay=0.01)
+    #: with the user's data max_seq_length keeps the scripts' default (128)
+    data_length_keys = ("max_seq_length",)
 
     # Settled by load_raw_datasets (lifecycle step 2).
     #: the context column (first text of each pair), the question column (before each choice), or None

@@ -156,3 +156,17 @@ def test_output_dir_under_a_file(tmp_path, capsys):
     out = tmp_path / "notes.txt" / "run"
     line = cli_error(capsys, out, "task=clm")
     assert "is a file, so no folder can be made under it" in line
+
+
+@pytest.mark.parametrize("task", ["multiple_choice", "classification"])
+def test_a_test_file_without_training_data(tmp_path, capsys, task):
+    test = tmp_path / "q.jsonl"
+    test.write_text('{"text": "a b c"}\n')
+    status = main([f"task={task}", f"test_file={test}", "do_predict=true", f"output_dir={tmp_path / 'o'}",
+                   "report_to=none"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and err == ["notrainer: error: do_train=true needs training data: give train_file=... (to "
+                                   "evaluate or predict with a trained model instead: mode=eval or mode=predict "
+                                   "with model_name_or_path=...)"], err
+    assert not (tmp_path / "o").exists()
+

@@ -220,3 +220,13 @@ def test_embedded_defaults_are_said_and_keep_the_scripts_lengths_with_user_data(
     capsys.readouterr()
     assert parse("task=qa", "model_name_or_path=some/model").max_seq_length == 384
     assert capsys.readouterr().out == ""
+    # the other tasks alike: the built-in data's short lengths only without a data file
+    text, mrpc, conll, swag = (fixtures / "sample_text.txt", fixtures / "MRPC" / "train.csv",
+                               fixtures / "conll" / "sample.json", fixtures / "swag" / "sample.json")
+    for task, key, data, scripts in (("clm", "block_size", text, None), ("mlm", "max_seq_length", text, None),
+                                     ("classification", "max_seq_length", mrpc, 128),
+                                     ("token_classification", "max_seq_length", conll, 128),
+                                     ("multiple_choice", "max_seq_length", swag, 128)):
+        assert getattr(parse(f"task={task}"), key) in (32, 64), task  # the built-in data's
+        assert getattr(parse(f"task={task}", f"train_file={data}"), key) == scripts, task  # None: the model's positions
+    capsys.readouterr()

@@ -103,7 +103,8 @@ def test_bad_input(tmp_path):
     with pytest.raises(UsageError, match="mlm_probability must be in"):
         run_cli("task=mlm", f"train_file={path}", "mlm_probability=1.5", output_dir=tmp_path / "o")
     with pytest.raises(UsageError, match="shorter than one block of 64 tokens"):
-        run_cli("task=mlm", f"train_file={path}", "validation_split_percentage=0", output_dir=tmp_path / "o")
+        run_cli("task=mlm", f"train_file={path}", "validation_split_percentage=0", "max_seq_length=64",
+                output_dir=tmp_path / "o")
     js = tmp_path / "train.json"
     js.write_text('{"body": "some text"}\n')
     with pytest.raises(UsageError, match="text_column='content': no such column"):

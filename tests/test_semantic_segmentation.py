@@ -1,7 +1,8 @@
 """task=semantic_segmentation: the embedded default (generated shapes, a tiny SegFormer) learns
 far past predicting all background, the export loads with AutoModelForSemanticSegmentation and
 runs in pipeline("image-segmentation"), an images/ + masks/ pair folder trains, do_predict on a
-plain folder writes a PNG mask per image at its size, and bad input stops in one line."""
+plain folder writes a PNG mask per image at its size, bad input stops in one line, and kill -9
+then resume_from_checkpoint=auto ends bitwise equal to an uninterrupted run (slow)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CPU_ENV, REPO, one_thread, read_results, run_cli
+from conftest import CPU_ENV, REPO, launch_command, one_thread, read_results, run_cli
 from notrainer.errors import UsageError
 from notrainer.tasks.semantic_segmentation import SHAPE_NAMES, shapes_example
 
@@ -271,3 +272,52 @@ def test_help_lists_the_task_keys():
     for name in ("image_column", "mask_column", "id2label", "reduce_labels", "ignore_index", "image_size",
                  "horizontal_flip", "crop_scale_min", "image_processor_name"):
         assert name in proc.stdout
+
+
+# ---------------------------------------------------------------------- slow: kill -9
+
+SLOW_TASK = '''
+import os, time
+from notrainer.tasks.semantic_segmentation import SemanticSegmentationTask
+
+class SlowSegmentation(SemanticSegmentationTask):
+    def loss(self, model, batch):
+        if os.environ.get("SLOW_STEP_MARKER"):
+            with open(os.environ["SLOW_STEP_MARKER"] + "." + os.environ.get("RANK", "0"), "a") as f:
+                f.write("batch\\n")
+        time.sleep(float(os.environ.get("SLOW_STEP_SECONDS", "0")))
+        return super().loss(model, batch)
+'''
+RESUME_ARGS = ["report_to=none", "max_train_steps=12", "checkpointing_steps=4", "per_device_train_batch_size=8",
+               "max_train_samples=160", "max_eval_samples=32", "augment=true", "horizontal_flip=true",
+               "gradient_accumulation_steps=2"]
+
+
+@pytest.mark.slow
+def test_kill9_then_resume_is_bitwise_equal(tmp_path, monkeypatch):
+    """The same random crops and flips after the resume (torch's RNG is in the checkpoint): the
+    weights and the metrics equal an uninterrupted run's to the bit, and the resumed run trains
+    only the steps after step 4 (not all 12 again)."""
+    from dist_helpers import kill9_tree, wait_past_checkpoint
+
+    (tmp_path / "slow.py").write_text(SLOW_TASK)
+    args = [f"task={tmp_path / 'slow.py'}:SlowSegmentation", *RESUME_ARGS]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    with one_thread():
+        run_cli(*args, output_dir=ref)
+    marker = tmp_path / "batches"
+    env = {**os.environ, **CPU_ENV, "SLOW_STEP_SECONDS": "0.3", "SLOW_STEP_MARKER": str(marker)}
+    proc = subprocess.Popen(launch_command(["-m", "notrainer.run", *args, f"output_dir={out}"]), env=env,
+                            cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_past_checkpoint(out, 4, marker, proc, timeout=400)  # a kill between step 4's and step 8's checkpoints
+    kill9_tree(proc)
+    assert not (out / "checkpoints" / "step_8").exists() and not (out / "model.safetensors").exists()
+    resumed = tmp_path / "resumed_batches"
+    monkeypatch.setenv("SLOW_STEP_MARKER", str(resumed))
+    monkeypatch.setenv("SLOW_STEP_SECONDS", "0")
+    with one_thread():
+        run_cli(*args, "resume_from_checkpoint=auto", output_dir=out)
+    assert len(Path(f"{resumed}.0").read_text().splitlines()) == (12 - 4) * 2  # steps 5..12, 2 micro-batches each
+    assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    got, want = read_results(out), read_results(ref)
+    assert (got["eval_mean_iou"], got["train_loss"]) == (want["eval_mean_iou"], want["train_loss"])

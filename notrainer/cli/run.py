@@ -243,6 +243,10 @@ def build(cfg, task_cls):
     task = task_cls(cfg)
     if cfg.do_predict and not task.has_prediction_mode():  # say so before training, not after
         raise UsageError(f"task={task.name} has no prediction mode (do_predict=true); it writes no predictions.jsonl")
+    # data files but none to train on (the built-in data is used only without any data key)
+    if cfg.do_train and not (cfg.train_file or cfg.dataset_name) and (cfg.validation_file or cfg.test_file):
+        raise UsageError("do_train=true needs training data: give train_file=... (to evaluate or predict with a "
+                         "trained model instead: mode=eval or mode=predict with model_name_or_path=...)")
 
     # Data files are read (and cached) by the main process first; the others reuse its cache.
     with acc.main_process_first():

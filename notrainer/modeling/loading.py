@@ -99,8 +99,12 @@ def _torch_dtype(name: str):
 
 def pretrained_kwargs(cfg) -> dict:
     """Keyword arguments for `from_pretrained`: dtype, attn_implementation, quantization_config
-    (with the weights placed on this process's device, as k-bit loading requires)."""
-    out: dict = {}
+    (with the weights placed on this process's device, as k-bit loading requires).
+
+    `use_kernels=False`: transformers 5.25 turned Hub kernels on by default in `from_pretrained`
+    (layers swapped for kernels downloaded from the Hub, and the `kernels` package required);
+    notrainer loads the model it is given, offline, as transformers 5.24 and earlier did."""
+    out: dict = {"use_kernels": False}
     if cfg.torch_dtype:
         out["dtype"] = cfg.torch_dtype if cfg.torch_dtype == "auto" else _torch_dtype(cfg.torch_dtype)
     if cfg.attn_implementation:
