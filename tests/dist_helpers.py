@@ -12,14 +12,16 @@ from pathlib import Path
 
 from conftest import REPO, _free_port, read_results
 
-# A task that sleeps in each micro-batch (SLOW_STEP_SECONDS) so that kill -9 lands between two
-# checkpoints; otherwise it is task=clm. With SLOW_STEP_MARKER=path each rank appends a line to
-# path.<rank> as a micro-batch starts, which a test waits on (wait_for_batches) instead of a sleep.
-SLOW_TASK = '''
+def slow_task_source(module: str, base: str, name: str) -> str:
+    """The source of a task module with `name`, a subclass of `module.base` that sleeps in each
+    micro-batch (SLOW_STEP_SECONDS) so that kill -9 lands between two checkpoints. With
+    SLOW_STEP_MARKER=path each rank appends a line to path.<rank> as a micro-batch starts, which
+    a test waits on (wait_for_batches, wait_past_checkpoint) instead of a sleep."""
+    return f'''
 import os, time
-from notrainer.tasks.clm import CLMTask
+from {module} import {base}
 
-class SlowCLM(CLMTask):
+class {name}({base}):
     def loss(self, model, batch):
         seconds = os.environ.get("SLOW_STEP_SECONDS", "0")
         if os.environ.get("SLOW_STEP_MARKER"):
@@ -28,6 +30,10 @@ class SlowCLM(CLMTask):
         time.sleep(float(seconds))
         return super().loss(model, batch)
 '''
+
+
+# task=clm, slowed (see slow_task_source)
+SLOW_TASK = slow_task_source("notrainer.tasks.clm", "CLMTask", "SlowCLM")
 
 
 def slow_task_arg(tmp_path: Path) -> str:

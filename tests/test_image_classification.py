@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import CPU_ENV, REPO, cli_subprocess, launch_command, one_thread, read_results, run_cli
+from dist_helpers import slow_task_source
 from notrainer.errors import UsageError
 
 SHORT = ["report_to=none", "num_train_epochs=2", "per_device_train_batch_size=32"]
@@ -181,18 +182,7 @@ def test_help_lists_the_task_keys():
 
 # ---------------------------------------------------------------------- slow: kill -9 and DDP
 
-SLOW_TASK = '''
-import os, time
-from notrainer.tasks.image_classification import ImageClassificationTask
-
-class SlowImages(ImageClassificationTask):
-    def loss(self, model, batch):
-        if os.environ.get("SLOW_STEP_MARKER"):
-            with open(os.environ["SLOW_STEP_MARKER"] + "." + os.environ.get("RANK", "0"), "a") as f:
-                f.write("batch\\n")
-        time.sleep(float(os.environ.get("SLOW_STEP_SECONDS", "0")))
-        return super().loss(model, batch)
-'''
+SLOW_TASK = slow_task_source("notrainer.tasks.image_classification", "ImageClassificationTask", "SlowImages")
 RESUME_ARGS = ["report_to=none", "max_train_steps=12", "checkpointing_steps=4", "per_device_train_batch_size=16",
                "max_train_samples=400", "max_eval_samples=64", "horizontal_flip=true", "gradient_accumulation_steps=2"]
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 from conftest import CPU_ENV, REPO, launch_command, one_thread, read_results, run_cli
-from dist_helpers import kill9_tree, wait_past_checkpoint
+from dist_helpers import kill9_tree, slow_task_source, wait_past_checkpoint
 
 from notrainer.errors import UsageError
 from notrainer.tasks.multiple_choice import KINDS, builtin_questions
@@ -210,19 +210,7 @@ def test_the_cli_prints_one_line_and_exits_2(tmp_path):
 
 # ---------------------------------------------------------------------- subclass and kill -9 resume
 
-SLOW_MC = '''
-import os, time
-from notrainer.tasks.multiple_choice import MultipleChoiceTask
-
-class SlowMultipleChoice(MultipleChoiceTask):
-    """The built-in task with a pause in each micro-batch, so that a kill lands between checkpoints."""
-    def loss(self, model, batch):
-        if os.environ.get("SLOW_STEP_MARKER"):
-            with open(os.environ["SLOW_STEP_MARKER"] + "." + os.environ.get("RANK", "0"), "a") as f:
-                f.write("batch\\n")
-        time.sleep(float(os.environ.get("SLOW_STEP_SECONDS", "0")))
-        return super().loss(model, batch)
-'''
+SLOW_MC = slow_task_source("notrainer.tasks.multiple_choice", "MultipleChoiceTask", "SlowMultipleChoice")
 ARGS = ["report_to=none", "max_train_steps=12", "checkpointing_steps=4", "gradient_accumulation_steps=2",
         "per_device_train_batch_size=8", "logging_steps=3", "eval_steps=6", "max_eval_samples=64"]
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import CPU_ENV, REPO, launch_command, one_thread, read_results, run_cli
+from dist_helpers import slow_task_source
 from notrainer.errors import UsageError
 from notrainer.tasks.semantic_segmentation import SHAPE_NAMES, shapes_example
 
@@ -276,18 +277,7 @@ def test_help_lists_the_task_keys():
 
 # ---------------------------------------------------------------------- slow: kill -9
 
-SLOW_TASK = '''
-import os, time
-from notrainer.tasks.semantic_segmentation import SemanticSegmentationTask
-
-class SlowSegmentation(SemanticSegmentationTask):
-    def loss(self, model, batch):
-        if os.environ.get("SLOW_STEP_MARKER"):
-            with open(os.environ["SLOW_STEP_MARKER"] + "." + os.environ.get("RANK", "0"), "a") as f:
-                f.write("batch\\n")
-        time.sleep(float(os.environ.get("SLOW_STEP_SECONDS", "0")))
-        return super().loss(model, batch)
-'''
+SLOW_TASK = slow_task_source("notrainer.tasks.semantic_segmentation", "SemanticSegmentationTask", "SlowSegmentation")
 RESUME_ARGS = ["report_to=none", "max_train_steps=12", "checkpointing_steps=4", "per_device_train_batch_size=8",
                "max_train_samples=160", "max_eval_samples=32", "augment=true", "horizontal_flip=true",
                "gradient_accumulation_steps=2"]
