@@ -24,6 +24,7 @@ def _keys(file) -> list[str]:
         return list(f.keys())
 
 
+@pytest.mark.slow
 def test_a_lora_checkpoint_holds_no_frozen_base_weights(base_folder, tmp_path):
     out = tmp_path / "run"
     run_cli("task=sft", f"model_name_or_path={base_folder}", "lora.r=8", "max_train_steps=2",
@@ -60,6 +61,7 @@ def test_resuming_adapters_on_another_base_is_refused(base_folder, tmp_path):
         run_cli(*common, "max_train_steps=4", "resume_from_checkpoint=auto", output_dir=tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_kill9_then_auto_resume_of_a_lora_run_is_bitwise_equal(tmp_path, capsys):
     """The kill -9 test of tests/test_resume.py with LoRA (a random-init gpt2 base, dropout on):
     the resumed run loads an adapter-only checkpoint and ends with the uninterrupted run's adapter."""

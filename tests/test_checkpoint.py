@@ -46,6 +46,7 @@ def _tensors(path: Path) -> dict:
 # ---------------------------------------------------------------------- damaged checkpoints
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(run8, tmp_path, capsys):
     out = _copy(run8, tmp_path / "run")
     model = out / "checkpoints" / "step_8" / "model.safetensors"

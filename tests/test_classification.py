@@ -13,6 +13,10 @@ from conftest import cli_subprocess, read_results, run_cli
 from notrainer.errors import UsageError
 from notrainer.tasks.classification import TOPICS, builtin_topic_sentences
 
+# each test here trains a model (or shares one a module fixture trains): the quick check
+# (-m "not slow") leaves them to the full suite
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

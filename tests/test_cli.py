@@ -12,6 +12,7 @@ from notrainer import UsageError
 from notrainer.cli.run import parse_args
 
 
+@pytest.mark.slow
 def test_help_lists_every_key_with_default_and_doc():
     out = subprocess.run([sys.executable, "-m", "notrainer.run", "task=clm", "--help"], capture_output=True,
                          text=True, cwd=REPO, timeout=120)
@@ -93,6 +94,7 @@ def test_tokenizer_without_pad_token_where_padding_is_needed(tmp_path):
         run_cli("task=clm", f"tokenizer_name={tmp_path / 'tok'}", "line_by_line=true", output_dir=tmp_path / "r")
 
 
+@pytest.mark.slow
 def test_cli_exit_status_and_single_line_on_stderr(tmp_path):
     out = subprocess.run([sys.executable, "-m", "notrainer.run", "task=clm", "lerning_rate=1",
                           f"output_dir={tmp_path}"], capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -101,6 +103,7 @@ def test_cli_exit_status_and_single_line_on_stderr(tmp_path):
     assert not any(tmp_path.iterdir()), "nothing is written before the input is valid"
 
 
+@pytest.mark.slow
 def test_subclassed_task_from_a_file(tmp_path):
     """task=path/file.py:Class runs a user's subclass; its collator is the one used."""
     (tmp_path / "my_task.py").write_text(textwrap.dedent('''

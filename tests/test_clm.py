@@ -8,6 +8,7 @@ import pytest
 from conftest import read_results, run_cli
 
 
+@pytest.mark.slow
 def test_embedded_default_learns_and_exports(tmp_path):
     out = tmp_path / "run"
     results = run_cli("task=clm", "report_to=tensorboard", output_dir=out)
@@ -27,6 +28,7 @@ def test_embedded_default_learns_and_exports(tmp_path):
     assert list((out / "logs").rglob("events.out.tfevents.*")), "TensorBoard logs are written by default"
 
 
+@pytest.mark.slow
 def test_own_text_files_and_yaml_config(tmp_path):
     from notrainer.tasks.clm import builtin_corpus
 
@@ -52,11 +54,13 @@ def test_plain_text_file_with_held_out_split(tmp_path):
     assert math.isfinite(results["eval_loss"]) and results["global_step"] == 6
 
 
+@pytest.mark.slow
 def test_line_by_line_pads_and_masks(tmp_path):
     results = run_cli("task=clm", "line_by_line=true", "max_train_steps=6", output_dir=tmp_path / "run")
     assert math.isfinite(results["eval_perplexity"])
 
 
+@pytest.mark.slow
 def test_a_second_run_in_the_same_output_dir_is_refused(tmp_path):
     from notrainer import UsageError
 

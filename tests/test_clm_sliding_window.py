@@ -15,6 +15,10 @@ from conftest import cli_subprocess, read_results, run_cli
 from notrainer.errors import UsageError
 from notrainer.tasks.clm import sliding_windows
 
+# each test here trains a model (or shares one a module fixture trains): the quick check
+# (-m "not slow") leaves them to the full suite
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("n,block,stride", [(50, 8, 1), (50, 8, 3), (50, 8, 8), (64, 8, 8), (5, 8, 2), (97, 16, 5)])
 def test_every_token_is_scored_once_with_at_most_block_minus_one_context(n, block, stride):

@@ -14,6 +14,10 @@ from notrainer.errors import UsageError
 
 from conftest import REPO, run_cli
 
+# each test here trains a model (or shares one a module fixture trains): the quick check
+# (-m "not slow") leaves them to the full suite
+pytestmark = pytest.mark.slow
+
 SPEC = "examples/custom_model/modeling_tiny_lm.py:TinyLMForCausalLM"
 FAST = ("max_eval_samples=16", "logging_steps=1000")
 

@@ -44,6 +44,7 @@ def disk_fills_at(monkeypatch):
     return arm
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_checkpoint(tmp_path, capsys, disk_fills_at):
     with one_thread():
         run_cli(*ARGS, output_dir=tmp_path / "reference")

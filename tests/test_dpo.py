@@ -29,6 +29,7 @@ def assert_close_weights(a, b, atol: float):
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "simpo", "orpo"])
+@pytest.mark.slow
 def test_default_learns_the_preference(tmp_path, loss_type):
     out = tmp_path / "run"
     run_cli("task=dpo", f"loss_type={loss_type}", output_dir=out)
@@ -61,6 +62,7 @@ def test_precomputed_reference_equals_the_frozen_copy(tmp_path, capsys):
     assert_close_weights(tmp_path / "copy", tmp_path / "pre", atol=2e-6)
 
 
+@pytest.mark.slow
 def test_lora_policy_uses_the_base_as_reference(tmp_path):
     out = tmp_path / "run"
     res = run_cli("task=dpo", "lora.r=8", "learning_rate=5e-3", output_dir=out)
@@ -69,6 +71,7 @@ def test_lora_policy_uses_the_base_as_reference(tmp_path):
     assert (out / "adapter_config.json").exists()
 
 
+@pytest.mark.slow
 def test_dpo_on_an_sft_export(tmp_path):
     """The pipeline: SFT on the chosen responses, then DPO from that run's output_dir."""
     from notrainer.tasks.preference import builtin_preferences

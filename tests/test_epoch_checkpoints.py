@@ -29,6 +29,7 @@ def test_a_one_epoch_run_saves_its_epoch(tmp_path):
     assert [(s["epoch"], s["step_in_epoch"]) for s in _states(out)] == [(1, 0)]
 
 
+@pytest.mark.slow
 def test_every_epoch_is_saved_and_resuming_one_gives_the_same_weights(tmp_path):
     ref = tmp_path / "ref"
     results = run_cli(*ARGS, "num_train_epochs=3", output_dir=ref)

@@ -17,6 +17,10 @@ from conftest import CPU_ENV, REPO, cli_subprocess, launch_command, one_thread, 
 from dist_helpers import slow_task_source
 from notrainer.errors import UsageError
 
+# each test here trains a model (or shares one a module fixture trains): the quick check
+# (-m "not slow") leaves them to the full suite
+pytestmark = pytest.mark.slow
+
 SHORT = ["report_to=none", "num_train_epochs=2", "per_device_train_batch_size=32"]
 
 

@@ -27,6 +27,7 @@ def _launch(*args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, **CPU_ENV}, cwd=str(REPO), capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_usage_error_under_the_launcher_is_one_line_and_exit_2(tmp_path):
     proc = _launch("--cpu", "--num_processes", "1", "task=clm", "learning_rate=-1", f"output_dir={tmp_path}")
     assert proc.returncode == 2

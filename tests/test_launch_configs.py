@@ -99,6 +99,7 @@ def test_slurm_script_is_valid_bash_and_uses_the_multi_node_recipe():
     assert "launch/multi_node.yaml" in text and "--machine_rank" in text and "resume_from_checkpoint=auto" in text
 
 
+@pytest.mark.slow
 def test_cpu_ddp_recipe_runs_two_processes(tmp_path):
     """SFT + LoRA + packing on 2 CPU ranks through launch/cpu_ddp.yaml; the merged export,
     evaluated in one process, gives the eval_loss the 2 ranks gathered (50 eval examples: the

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import textwrap
 from tests.conftest import CPU_ENV, REPO, read_results
 
 
+@pytest.mark.slow
 def test_cli_runs_from_a_folder_with_its_own_tasks_module_and_package(tmp_path):
     # invoke and celery projects keep a tasks.py (or a tasks/ package) in their working folder,
     # which comes first on sys.path.
@@ -23,6 +26,7 @@ def test_cli_runs_from_a_folder_with_its_own_tasks_module_and_package(tmp_path):
     assert read_results(tmp_path / "out")["global_step"] == 3
 
 
+@pytest.mark.slow
 def test_engine_modules_import_without_any_task_module():
     # A finder that refuses every notrainer.tasks module: the loop, checkpoints and config must not need one.
     code = textwrap.dedent("""

@@ -91,6 +91,7 @@ def test_quantization_loads_bitsandbytes_layers_under_the_adapters(base_folder, 
     assert trainable and all("lora_" in n for n in trainable)
 
 
+@pytest.mark.slow
 def test_qlora_trains_on_cpu_and_its_loss_falls(base_folder, tmp_path):
     """QLoRA end to end: the base loaded in 4-bit nf4, LoRA on top, eval loss before and after."""
     pytest.importorskip("bitsandbytes")

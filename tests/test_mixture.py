@@ -204,6 +204,7 @@ def test_a_map_style_mixture_interleaves_by_weight(corpus, tmp_path, one_thread_
     assert res["global_step"] == 20 and math.isfinite(res["eval_loss"])
 
 
+@pytest.mark.slow
 def test_mlm_streams(corpus, tmp_path, one_thread_per_module):
     reset_accelerate_state()
     res = run_cli("task=mlm", "streaming=true", f"train_file={corpus['web']}", "max_train_steps=80",

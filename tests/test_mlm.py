@@ -11,6 +11,10 @@ from notrainer.data import builtin
 from notrainer.cli.run import parse_args
 from notrainer.errors import UsageError
 
+# each test here trains a model (or shares one a module fixture trains): the quick check
+# (-m "not slow") leaves them to the full suite
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

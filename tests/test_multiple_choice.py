@@ -17,6 +17,10 @@ from dist_helpers import kill9_tree, slow_task_source, wait_past_checkpoint
 from notrainer.errors import UsageError
 from notrainer.tasks.multiple_choice import KINDS, builtin_questions
 
+# each test here trains a model (or shares one a module fixture trains): the quick check
+# (-m "not slow") leaves them to the full suite
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

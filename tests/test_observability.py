@@ -71,6 +71,7 @@ class SlowCLM(CLMTask):
 '''
 
 
+@pytest.mark.slow
 def test_kill9_and_resume_leave_each_step_once_and_the_report_works_mid_run(tmp_path):
     import psutil
 
@@ -121,6 +122,7 @@ def test_kill9_and_resume_leave_each_step_once_and_the_report_works_mid_run(tmp_
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow not installed (pip install mlflow)")
+@pytest.mark.slow
 def test_mlflow_run_records_the_same_losses_as_log_history(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
@@ -149,6 +151,7 @@ def test_unknown_or_missing_tracker_fails_in_one_line_before_training(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_push_to_hub_offline_fails_in_one_line_before_training(tmp_path):
     out = tmp_path / "run"
     proc = cli_subprocess("task=clm", "push_to_hub=true", "hub_model_id=me/tiny", f"output_dir={out}", check=False,
@@ -173,6 +176,7 @@ STEPS, BATCH = 3, 4
 
 
 @pytest.mark.parametrize("task", TASKS)
+@pytest.mark.slow
 def test_samples_and_tokens_per_second_equal_a_hand_count(task, tmp_path, monkeypatch):
     """Every training micro-batch the loop consumed is counted here by hand (rows, and
     attention-mask tokens: the documented tokens/s), then divided by train_runtime, which

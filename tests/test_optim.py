@@ -37,6 +37,7 @@ def _train(optim: str, optim_args: str | None = None, steps: int = 40) -> list[f
 
 
 @pytest.mark.parametrize("optim", TORCH_ONLY)
+@pytest.mark.slow
 def test_each_optimizer_trains(optim):
     losses = _train(optim, "momentum=0.9" if optim == "sgd" else None)
     assert losses[-1] < 0.5 * losses[0], (optim, losses[0], losses[-1])
@@ -88,6 +89,7 @@ def test_unknown_optim_and_bad_args_are_refused_before_training():
         build_optimizer(torch.nn.Linear(2, 2), _cfg("sgd", "momentum=-1"), torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_optim_reaches_the_cli_run(tmp_path):
     """optim= and optim_args go from the command line to the optimizer the loop steps."""
     from conftest import run_cli
@@ -101,6 +103,7 @@ def test_optim_reaches_the_cli_run(tmp_path):
 
 
 @pytest.mark.parametrize("optim", ["adamw_torch_fused", "adafactor", "sgd", *sorted(set(BITSANDBYTES) - {"adamw_bnb_8bit"})])
+@pytest.mark.slow
 def test_each_optimizer_resumes_bitwise(optim, tmp_path, capsys):
     """A run resumed from its step-2 checkpoint ends with the same weights, bit for bit, as the
     uninterrupted run: the optimizer's state (momentum, Adafactor's factored moments, bitsandbytes'

@@ -70,6 +70,7 @@ PAIRS = [(m, t) for m in METHODS for t in TASKS if (m, t) != ("prefix_tuning", "
 
 
 @pytest.mark.parametrize("method, task", PAIRS)
+@pytest.mark.slow
 def test_method_trains_only_adapters_checkpoints_and_exports(method, task, tmp_path):
     from peft import PeftModel
     from transformers import AutoConfig

@@ -1,3 +1,4 @@
+import pytest
 """notrainer.Loop with a plain nn.Module: no Hugging Face model, no tokenizer."""
 
 import torch
@@ -15,6 +16,7 @@ def _data(n, seed):
     return TensorDataset(x, x @ w + 0.5)
 
 
+@pytest.mark.slow
 def test_regression_trains_to_low_error(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))

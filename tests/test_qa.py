@@ -12,7 +12,8 @@ from notrainer.errors import UsageError
 from notrainer.tasks.qa import builtin_qa
 
 
-pytestmark = pytest.mark.usefixtures("one_thread_per_module")
+# slow: each test shares the model a module fixture trains (the quick check leaves them to the full suite)
+pytestmark = [pytest.mark.usefixtures("one_thread_per_module"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -47,30 +48,34 @@ def test_default_learns_to_locate_answers(trained):
     assert len(preds) == 200 and preds[0]["id"] == "q1-0"
 
 
-def test_export_is_a_question_answering_model(trained):
-    # The export answers fresh questions about as well as the run measured: a bound on exact
-    # matches, not one asserted answer (the trained bits differ across machines).
+def test_export_is_a_question_answering_model(trained, tmp_path):
+    # The export loads as a QA model and answers fresh questions about as well as the run
+    # measured: a bound on exact matches, not one asserted answer (the trained bits differ
+    # across machines). Evaluated through the task's own windows (the model was trained on
+    # 32-token windows), as any user evaluating the export would.
     out, results = trained
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
     from transformers.pipelines import SUPPORTED_TASKS
 
     model, tok = AutoModelForQuestionAnswering.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    with torch.no_grad():
+        logits = model(**tok("what is the owner of the lamp ?", "the owner of the lamp is emma .", return_tensors="pt"))
+    assert logits.start_logits.shape == logits.end_logits.shape and logits.start_logits.ndim == 2
     examples = builtin_qa(40, seed=77)
-    exact = 0
-    for ex in examples:
-        enc = tok(ex["question"], ex["context"], return_tensors="pt", return_offsets_mapping=True)
-        offsets = enc.pop("offset_mapping")[0]
-        with torch.no_grad():
-            logits = model(**enc)
-        start, end = int(logits.start_logits.argmax()), int(logits.end_logits.argmax())
-        exact += ex["context"][int(offsets[start][0]):int(offsets[end][1])].strip() == ex["answers"]["text"][0]
-    assert exact / len(examples) > results["eval_exact_match"] / 100 - 0.2, (exact, results["eval_exact_match"])
+    fresh = tmp_path / "fresh.jsonl"
+    fresh.write_text("".join(json.dumps(ex) + "\n" for ex in examples))
+    again = run_cli("task=qa", "mode=eval", f"model_name_or_path={out}", f"validation_file={fresh}",
+                    "max_seq_length=32", "doc_stride=12", output_dir=tmp_path / "eval")
+    reset_accelerate_state()
+    assert again["eval_exact_match"] > results["eval_exact_match"] - 20, (again, results["eval_exact_match"])
     if "question-answering" in SUPPORTED_TASKS:  # transformers 5.x removed this pipeline
         from transformers import pipeline
 
         qa = pipeline("question-answering", model=str(out), tokenizer=str(out), device="cpu")
-        answers = [qa(question=ex["question"], context=ex["context"])["answer"].strip() for ex in examples]
-        assert sum(a == ex["answers"]["text"][0] for a, ex in zip(answers, examples)) >= exact - 4
+        answers = [qa(question=ex["question"], context=ex["context"], max_seq_len=32, doc_stride=12)["answer"].strip()
+                   for ex in examples]
+        right = sum(a == ex["answers"]["text"][0] for a, ex in zip(answers, examples))
+        assert right / len(examples) > again["eval_exact_match"] / 100 - 0.2
 
 
 def squad_nested(records) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import re
 import subprocess
@@ -21,6 +23,7 @@ def _env() -> dict:
     return {**os.environ, **CPU_ENV, "PYTHONPATH": str(REPO)}
 
 
+@pytest.mark.slow
 def test_the_subclass_example_runs(tmp_path):
     (tmp_path / "my_task.py").write_text(_python_block("class MyTask"))
     proc = subprocess.run([sys.executable, "-m", "notrainer.run", "task=my_task.py:MyTask", "max_train_steps=3",
@@ -30,6 +33,7 @@ def test_the_subclass_example_runs(tmp_path):
     assert read_results(tmp_path / "out")["global_step"] == 3
 
 
+@pytest.mark.slow
 def test_the_reuse_example_runs_and_learns(tmp_path):
     code = _python_block("from notrainer import Loop")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(), capture_output=True, text=True,

@@ -96,6 +96,7 @@ def _same_run(out: Path, ref: Path, exact_loss: bool = True) -> None:
     assert got["train_loss"] == (want["train_loss"] if exact_loss else pytest.approx(want["train_loss"], rel=1e-6))
 
 
+@pytest.mark.slow
 def test_kill9_then_auto_resume_is_bitwise_equal(slow_task, reference, tmp_path, capsys):
     out = tmp_path / "run"
     _kill9_between_checkpoints([slow_task, *ARGS, f"output_dir={out}"], out, num_processes=1)
@@ -105,6 +106,7 @@ def test_kill9_then_auto_resume_is_bitwise_equal(slow_task, reference, tmp_path,
     _same_run(out, reference)
 
 
+@pytest.mark.slow
 def test_kill9_then_auto_resume_is_bitwise_equal_ddp(slow_task, tmp_path):
     ref = tmp_path / "ref"
     proc = _start([slow_task, *ARGS, f"output_dir={ref}"], num_processes=2, slow=0)
@@ -119,6 +121,7 @@ def test_kill9_then_auto_resume_is_bitwise_equal_ddp(slow_task, tmp_path):
     _same_run(out, ref)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_75_then_resume_finishes(slow_task, reference, tmp_path):
     out = tmp_path / "run"
     proc = _start([slow_task, *ARGS, f"output_dir={out}"], num_processes=1, slow=0.15)
@@ -143,6 +146,7 @@ def test_sigterm_checkpoints_and_exits_75_then_resume_finishes(slow_task, refere
     _same_run(out, reference, exact_loss=False)
 
 
+@pytest.mark.slow
 def test_second_signal_stops_at_once_and_keeps_the_checkpoints(slow_task, tmp_path):
     out, slow_file = tmp_path / "run", tmp_path / "slow"
     proc = _start([slow_task, *ARGS, f"output_dir={out}"], num_processes=1, slow=0.05, SLOW_STEP_FILE=str(slow_file))

@@ -13,6 +13,10 @@ from conftest import REPO, read_results, run_cli
 from notrainer.errors import UsageError
 from notrainer.tasks.preference import truncate_pair
 
+# each test here trains a model (or shares one a module fixture trains): the quick check
+# (-m "not slow") leaves them to the full suite
+pytestmark = pytest.mark.slow
+
 
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -20,6 +20,10 @@ from dist_helpers import slow_task_source
 from notrainer.errors import UsageError
 from notrainer.tasks.semantic_segmentation import SHAPE_NAMES, shapes_example
 
+# each test here trains a model (or shares one a module fixture trains): the quick check
+# (-m "not slow") leaves them to the full suite
+pytestmark = pytest.mark.slow
+
 SHAPES = list(SHAPE_NAMES)  # background, circle, square, triangle
 
 

@@ -10,7 +10,8 @@ from notrainer.errors import UsageError
 from notrainer.tasks.seq2seq import toy_translation_pairs
 
 
-pytestmark = pytest.mark.usefixtures("one_thread_per_module")
+# slow: each test shares the model a module fixture trains (the quick check leaves them to the full suite)
+pytestmark = [pytest.mark.usefixtures("one_thread_per_module"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -121,6 +121,7 @@ def test_packing_cli_eval_matches_padding(tmp_path):
     assert abs(packed["eval_loss"] - padded["eval_loss"]) < 1e-5
 
 
+@pytest.mark.slow
 def test_embedded_default_learns_and_answers(tmp_path):
     before = run_cli("task=sft", "do_train=false", "max_eval_samples=64", output_dir=tmp_path / "before")
     after = run_cli("task=sft", "max_train_steps=20", "max_eval_samples=64", "packing=true",
@@ -212,6 +213,7 @@ def test_packing_refused_for_a_model_that_would_leak(tmp_path):
                 *FAST, output_dir=tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_exit_status(tmp_path):
     proc = cli_subprocess("task=sft", "max_seq_length=1", f"output_dir={tmp_path}", "report_to=none", check=False)
     assert proc.returncode == 2

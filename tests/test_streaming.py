@@ -176,6 +176,7 @@ def _task_data(tmp_path, task):
 
 
 @pytest.mark.parametrize("task, steps", [("clm", 60), ("sft", 120)])
+@pytest.mark.slow
 def test_streaming_trains_like_the_map_style_path(tmp_path, task, steps):
     from conftest import one_thread, reset_accelerate_state, run_cli
 
@@ -216,6 +217,7 @@ def test_streaming_settings_that_cannot_work_are_one_line(tmp_path, capsys, args
 
 
 @pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.slow
 def test_a_shard_that_breaks_mid_stream_stops_the_run_at_a_step_boundary(tmp_path, capsys, workers):
     from notrainer.engine.checkpoint import list_checkpoints, verify
 

@@ -46,6 +46,7 @@ def _finish(args: list[str], processes: int) -> None:
     (1, 0), (1, 2),
     pytest.param(2, 0, marks=pytest.mark.slow), pytest.param(2, 2, marks=pytest.mark.slow),
 ])
+@pytest.mark.slow
 def test_streaming_kill9_then_auto_resume_is_bitwise_equal(slow_task, corpus, tmp_path, processes, workers):
     args = [slow_task, "streaming=true", f"train_file={corpus}", "shuffle_buffer_size=16",
             f"dataloader_num_workers={workers}", "report_to=none", "progress=false", f"max_train_steps={STEPS}",

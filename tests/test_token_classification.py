@@ -12,6 +12,10 @@ from notrainer.cli.run import parse_args
 from notrainer.errors import UsageError
 from notrainer.tasks.token_classification import builtin_ner_sentences
 
+# each test here trains a model (or shares one a module fixture trains): the quick check
+# (-m "not slow") leaves them to the full suite
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

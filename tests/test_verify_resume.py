@@ -38,6 +38,7 @@ def _verify(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
         raise AssertionError(f"verify-resume did not finish in {timeout} s") from e
 
 
+@pytest.mark.slow
 def test_the_default_run_resumes_exactly():
     proc = _verify("--steps", "6", "--kill-at", "5", "task=clm", *SMALL)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -49,6 +50,7 @@ def test_the_default_run_resumes_exactly():
     assert [int(row[0]) for row in table] == [1, 2, 3, 4, 5, 6] and all(row[3] == "0" for row in table)
 
 
+@pytest.mark.slow
 def test_a_streaming_mixture_resumes_exactly(tmp_path):
     from test_mixture import _rows_file, _spec
 
@@ -66,6 +68,7 @@ def test_a_streaming_mixture_resumes_exactly(tmp_path):
     assert len(web) == 2
 
 
+@pytest.mark.slow
 def test_a_loop_that_reshuffles_on_resume_is_caught_at_its_first_differing_step(tmp_path):
     task = tmp_path / "broken.py"
     task.write_text(BROKEN_TASK)
