@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import REPO, _free_port, read_results
+from conftest import CPU_ENV, REPO, _free_port, launch_command, read_results
 
 def slow_task_source(module: str, base: str, name: str) -> str:
     """The source of a task module with `name`, a subclass of `module.base` that sleeps in each
@@ -125,3 +125,15 @@ def fresh_eval_loss(model_dir: Path, tmp_path: Path) -> float:
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return read_results(out)["eval_loss"]
+
+
+def kill9_past_checkpoint(args: list[str], out: Path, step: int, marker: Path, seconds: str = "0.3",
+                          timeout: float = 400) -> None:
+    """Run `python -m notrainer.run <args> output_dir=<out>` (a slow_task_source task) in the
+    background and SIGKILL it once checkpoint `step` is complete and two more micro-batches have
+    started: a kill between two checkpoints, whatever the machine's speed."""
+    env = {**os.environ, **CPU_ENV, "SLOW_STEP_SECONDS": seconds, "SLOW_STEP_MARKER": str(marker)}
+    proc = subprocess.Popen(launch_command(["-m", "notrainer.run", *args, f"output_dir={out}"]), env=env,
+                            cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_past_checkpoint(out, step, marker, proc, timeout=timeout)
+    kill9_tree(proc)

@@ -5,7 +5,6 @@ one-line errors before training, kill -9 exact resume and 2-process DDP (slow)."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CPU_ENV, REPO, cli_subprocess, launch_command, one_thread, read_results, run_cli
+from conftest import REPO, cli_subprocess, one_thread, read_results, run_cli
 from dist_helpers import slow_task_source
 from notrainer.errors import UsageError
 
@@ -193,19 +192,14 @@ RESUME_ARGS = ["report_to=none", "max_train_steps=12", "checkpointing_steps=4", 
 
 @pytest.mark.slow
 def test_kill9_then_resume_is_bitwise_equal(tmp_path):
-    from dist_helpers import kill9_tree, wait_past_checkpoint
+    from dist_helpers import kill9_past_checkpoint
 
     (tmp_path / "slow.py").write_text(SLOW_TASK)
     args = [f"task={tmp_path / 'slow.py'}:SlowImages", *RESUME_ARGS]
     ref, out = tmp_path / "ref", tmp_path / "run"
     with one_thread():
         run_cli(*args, output_dir=ref)
-    marker = tmp_path / "batches"
-    env = {**os.environ, **CPU_ENV, "SLOW_STEP_SECONDS": "0.3", "SLOW_STEP_MARKER": str(marker)}
-    proc = subprocess.Popen(launch_command(["-m", "notrainer.run", *args, f"output_dir={out}"]), env=env,
-                            cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_past_checkpoint(out, 4, marker, proc, timeout=400)  # a kill between step 4's and step 8's checkpoints
-    kill9_tree(proc)
+    kill9_past_checkpoint(args, out, 4, tmp_path / "batches")  # between step 4's and step 8's checkpoints
     assert not (out / "checkpoints" / "step_8").exists() and not (out / "model.safetensors").exists()
     with one_thread():
         run_cli(*args, "resume_from_checkpoint=auto", output_dir=out)

@@ -11,8 +11,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import CPU_ENV, REPO, launch_command, one_thread, read_results, run_cli
-from dist_helpers import kill9_tree, slow_task_source, wait_past_checkpoint
+from conftest import CPU_ENV, REPO, one_thread, read_results, run_cli
+from dist_helpers import kill9_past_checkpoint, slow_task_source
 
 from notrainer.errors import UsageError
 from notrainer.tasks.multiple_choice import KINDS, builtin_questions
@@ -227,12 +227,7 @@ def test_kill9_then_auto_resume_is_bitwise_equal(tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "run"
     with one_thread():
         run_cli(*args, output_dir=ref)
-    marker = tmp_path / "batches"
-    env = {**os.environ, **CPU_ENV, "SLOW_STEP_SECONDS": "0.3", "SLOW_STEP_MARKER": str(marker)}
-    proc = subprocess.Popen(launch_command(["-m", "notrainer.run", *args, f"output_dir={out}"]), env=env,
-                            cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_past_checkpoint(out, 4, marker, proc, timeout=400)  # a kill between step 4's and step 8's checkpoints
-    kill9_tree(proc)
+    kill9_past_checkpoint(args, out, 4, tmp_path / "batches")  # between step 4's and step 8's checkpoints
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")) == ["step_4"]
     assert not (out / "model.safetensors").exists()
     with one_thread():

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CPU_ENV, REPO, launch_command, one_thread, read_results, run_cli
+from conftest import CPU_ENV, REPO, one_thread, read_results, run_cli
 from dist_helpers import slow_task_source
 from notrainer.errors import UsageError
 from notrainer.tasks.semantic_segmentation import SHAPE_NAMES, shapes_example
@@ -292,19 +292,14 @@ def test_kill9_then_resume_is_bitwise_equal(tmp_path, monkeypatch):
     """The same random crops and flips after the resume (torch's RNG is in the checkpoint): the
     weights and the metrics equal an uninterrupted run's to the bit, and the resumed run trains
     only the steps after step 4 (not all 12 again)."""
-    from dist_helpers import kill9_tree, wait_past_checkpoint
+    from dist_helpers import kill9_past_checkpoint
 
     (tmp_path / "slow.py").write_text(SLOW_TASK)
     args = [f"task={tmp_path / 'slow.py'}:SlowSegmentation", *RESUME_ARGS]
     ref, out = tmp_path / "ref", tmp_path / "run"
     with one_thread():
         run_cli(*args, output_dir=ref)
-    marker = tmp_path / "batches"
-    env = {**os.environ, **CPU_ENV, "SLOW_STEP_SECONDS": "0.3", "SLOW_STEP_MARKER": str(marker)}
-    proc = subprocess.Popen(launch_command(["-m", "notrainer.run", *args, f"output_dir={out}"]), env=env,
-                            cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_past_checkpoint(out, 4, marker, proc, timeout=400)  # a kill between step 4's and step 8's checkpoints
-    kill9_tree(proc)
+    kill9_past_checkpoint(args, out, 4, tmp_path / "batches")  # between step 4's and step 8's checkpoints
     assert not (out / "checkpoints" / "step_8").exists() and not (out / "model.safetensors").exists()
     resumed = tmp_path / "resumed_batches"
     monkeypatch.setenv("SLOW_STEP_MARKER", str(resumed))
