@@ -288,12 +288,24 @@ def first_rows(stream, n: int, files) -> list[dict]:
 _HELD: dict = {}
 
 
+def _held_spec(cfg, n: int) -> str:
+    return json.dumps([cfg.train_file, cfg.dataset_name, n, cfg.seed], default=str)
+
+
+def remember_held_out(cfg, samples: list[list[dict]]) -> None:
+    """The first rows of each source, as `load_streaming_raw` read them: their digests are the
+    held-out keys, so building the training stream does not read those rows again."""
+    n = validation_rows(cfg)
+    if n:
+        _HELD[_held_spec(cfg, n)] = [frozenset(rows_key(r) for r in rows[:n]) for rows in samples]
+
+
 def held_out_keys(cfg) -> Optional[list[frozenset]]:
     """Per source, the digests of its held-out rows (None when nothing is held out)."""
     n = validation_rows(cfg)
     if not n:
         return None
-    spec = json.dumps([cfg.train_file, cfg.dataset_name, n, cfg.seed], default=str)
+    spec = _held_spec(cfg, n)
     if spec not in _HELD:
         sources = parse_mixture(cfg.train_file)
         paths = [s.path for s in sources] if sources else [cfg.train_file]

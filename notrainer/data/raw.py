@@ -38,6 +38,7 @@ def load_streaming_raw(cfg):
         mixture.note(mixture.normalized_weights(sources)[1])
     rows = [r for part in samples for r in part]
     raw = {"train": datasets.Dataset.from_list(rows)}
+    mixture.remember_held_out(cfg, samples)  # the training stream skips these rows: read once
     if held:  # the first rows of each source (never trained on: the stream skips them)
         raw["validation"] = datasets.Dataset.from_list([r for part in samples for r in part[:held]])
     files = {k: v for k, v in (("validation", cfg.validation_file if cfg.do_eval else None),
