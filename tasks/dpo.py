@@ -17,7 +17,8 @@ The reference model (the loss types sigmoid, ipo, hinge), the cheapest exact cho
     Under FSDP / DeepSpeed ZeRO-3 it is NOT sharded: each process holds a full copy; use a peft
     adapter or precompute_ref_log_probs=true there.
 
-Metrics (as TRL's DPO trainer, with the eval_ prefix): rewards/chosen, rewards/rejected,
+Metrics, as TRL's DPO trainer: in the training log (each logging step) rewards/chosen, rewards/rejected,
+rewards/accuracies, rewards/margins, logps/chosen, logps/rejected; in evaluation (eval_ prefix) rewards/chosen, rewards/rejected,
 rewards/accuracies, rewards/margins, logps/chosen, logps/rejected, plus logps/margins (the policy's
 chosen-minus-rejected log-probability) and, with a reference, ref_logps/margins.
 """
@@ -214,7 +215,14 @@ class DPOTask(PreferenceTask):
     # ------------------------------------------------------------------ training and evaluation
 
     def loss(self, model, batch):
-        return self._pair_losses(model, batch)[0].mean()
+        # The loss, and TRL's training metrics beside it in the log (the loop averages them over
+        # the logging window like the loss: engine/batch.py split_loss).
+        losses, c_reward, r_reward, c, r, _, _ = self._pair_losses(model, batch)
+        c_reward, r_reward = c_reward.detach().float(), r_reward.detach().float()
+        return {"loss": losses.mean(), "rewards/chosen": c_reward.mean(), "rewards/rejected": r_reward.mean(),
+                "rewards/accuracies": (c_reward > r_reward).float().mean(),
+                "rewards/margins": (c_reward - r_reward).mean(),
+                "logps/chosen": c.detach().float().mean(), "logps/rejected": r.detach().float().mean()}
 
     def eval_step(self, model, batch):
         losses, c_reward, r_reward, c, r, ref_c, ref_r = self._pair_losses(model, batch)

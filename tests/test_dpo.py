@@ -54,6 +54,24 @@ def test_accumulation_equals_one_big_batch(tmp_path):
     assert_close_weights(tmp_path / "big", tmp_path / "acc", atol=2e-6)
 
 
+def test_training_log_has_trls_reward_metrics(tmp_path):
+    """rewards/* and logps/* in each training log record, as TRL logs them. At step 1 the policy
+    is still the reference, so every implicit reward is exactly 0; then they move apart."""
+    out = tmp_path / "run"
+    run_cli("task=dpo", "max_train_steps=6", "logging_steps=1", "do_eval=false", output_dir=out)
+    logged = [r for r in map(json.loads, (out / "log_history.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    assert [r["step"] for r in logged] == list(range(1, 7))
+    names = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+             "logps/rejected")
+    for r in logged:
+        assert all(n in r for n in names), r
+        assert 0.0 <= r["rewards/accuracies"] <= 1.0
+        assert r["rewards/margins"] == pytest.approx(r["rewards/chosen"] - r["rewards/rejected"], abs=1e-5)
+        assert r["logps/chosen"] < 0 and r["logps/rejected"] < 0
+    assert logged[0]["rewards/chosen"] == 0.0 and logged[0]["rewards/margins"] == 0.0
+    assert logged[-1]["rewards/margins"] > 0 and logged[-1]["rewards/accuracies"] > 0.5, logged[-1]
+
+
 def test_precomputed_reference_equals_the_frozen_copy(tmp_path, capsys):
     run_cli(*SHORT, "per_device_train_batch_size=8", output_dir=tmp_path / "copy")
     run_cli(*SHORT, "per_device_train_batch_size=8", "precompute_ref_log_probs=true", output_dir=tmp_path / "pre")

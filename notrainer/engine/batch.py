@@ -1,5 +1,5 @@
 """Looking into a batch without knowing its task: a Mapping (dict, transformers' BatchEncoding),
-a tuple or list of tensors, or one tensor."""
+a tuple or list of tensors, or one tensor; and into what a loss_fn returns (split_loss)."""
 
 from __future__ import annotations
 
@@ -40,3 +40,15 @@ def batch_shape(batch) -> tuple[int, int]:
     if shape is None:
         return (len(first) if hasattr(first, "__len__") else 0), 0
     return (int(shape[0]) if len(shape) else 1), (int(shape[1]) if len(shape) > 1 else 0)
+
+
+def split_loss(out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A loss_fn's return value -> (loss, extra scalars to log). A loss_fn returns the loss, or a
+    dict {"loss": loss, "name": scalar, ...} whose other entries are logged beside train_loss
+    (as Lightning's training_step may return), each a mean over the batch's items like the loss."""
+    if isinstance(out, dict):
+        if "loss" not in out:
+            raise TypeError(f"loss_fn returned a dict without a 'loss' entry (keys: {', '.join(out)})")
+        return out["loss"], {k: v for k, v in out.items() if k != "loss"}
+    return out, {}
+

@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 import torch
 
 from notrainer.engine import events as loop_events
-from notrainer.engine.batch import default_num_items
+from notrainer.engine.batch import default_num_items, split_loss
 from notrainer.observability import history
 
 
@@ -86,7 +86,7 @@ def eval_step(loop, model, batch) -> dict[str, torch.Tensor]:
     out = loop.eval_fn(model, batch) if loop.eval_fn else None
     if out is not None:
         return out
-    loss = loop.loss_fn(model, batch).float()
+    loss = split_loss(loop.loss_fn(model, batch))[0].float()
     n = torch.as_tensor(loop.num_items_fn(batch), device=loss.device, dtype=torch.float32)
     rows = int(default_num_items(batch))
     return {"loss": (loss * n / rows).expand(rows).contiguous(), "num_items": (n / rows).expand(rows).contiguous()}

@@ -34,6 +34,7 @@ class LoggingWindow:
     def reset(self) -> None:
         self.loss = torch.zeros((), device=self.device)
         self.grad_norm = torch.zeros((), device=self.device)
+        self.extras: dict[str, torch.Tensor] = {}  # a loss_fn's extra scalars (engine/batch.py: split_loss)
         self.tokens = torch.zeros((), device=self.device, dtype=torch.float64)
         self.samples = 0
         self.steps = 0
@@ -44,8 +45,10 @@ class LoggingWindow:
         rows, self.seq_len = batch_shape(batch)  # shapes only: no device sync
         self.samples += rows
 
-    def add_step(self, step_loss: torch.Tensor, grad_norm) -> None:
+    def add_step(self, step_loss: torch.Tensor, grad_norm, extras: dict | None = None) -> None:
         self.loss += step_loss
+        for name, value in (extras or {}).items():
+            self.extras[name] = self.extras.get(name, 0.0) + value
         if grad_norm is not None:
             self.grad_norm += torch.as_tensor(grad_norm, device=self.device, dtype=torch.float32)
         self.steps += 1
@@ -59,9 +62,12 @@ class LoggingWindow:
         steps = max(self.steps, 1)
         # One all-reduce and one host sync for everything. Each rank's step loss is its share of
         # the window's loss; the sum over ranks / ranks is the loss of the whole window.
+        # The extras are summed like the loss (every rank logs the same names, in sorted order).
+        names = sorted(self.extras)
         sums = torch.stack([self.loss.double(), self.grad_norm.double(), self.tokens.double(),
-                            torch.full((), float(self.samples), device=self.device, dtype=torch.float64)])
-        loss_sum, grad_norm_sum, tokens, samples = acc.reduce(sums, reduction="sum").tolist()
+                            torch.full((), float(self.samples), device=self.device, dtype=torch.float64),
+                            *(torch.as_tensor(self.extras[n], device=self.device).double() for n in names)])
+        loss_sum, grad_norm_sum, tokens, samples, *extra_sums = acc.reduce(sums, reduction="sum").tolist()
         loss = loss_sum / acc.num_processes / steps
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         state.tokens_seen += int(tokens)
@@ -70,6 +76,7 @@ class LoggingWindow:
                 "epoch": epoch}
         # samples_per_second, mfu (when the GPU's peak is known), peak_memory_gib (CUDA)
         logs.update(meter.report(tokens, samples, elapsed, self.seq_len, acc.num_processes))
+        logs.update({n: v / acc.num_processes / steps for n, v in zip(names, extra_sums)})
         if clipping:
             logs["grad_norm"] = grad_norm_sum / acc.num_processes / steps
         self.reset()

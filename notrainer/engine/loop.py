@@ -7,7 +7,8 @@ Read `Loop._train()` top to bottom: it is the whole algorithm. Everything task-s
 in through a handful of plain callables:
 
     loss_fn(model, batch)       -> scalar loss, a *mean* over the batch's items
-                                   (default: model(**batch).loss)
+                                   (default: model(**batch).loss); or a dict {"loss": ...,
+                                   "name": scalar}, whose other scalars are logged beside it
     num_items_fn(batch)         -> how many items that mean is over (target tokens for a
                                    language model; default: the batch size)
     num_tokens_fn(batch)        -> input tokens, for tokens/s (default: attention_mask.sum())

@@ -13,6 +13,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from notrainer.engine import guards
+from notrainer.engine.batch import split_loss
 from notrainer.engine.logging_window import on_device
 
 
@@ -34,16 +35,20 @@ def train_step(loop, window: list) -> None:
     backward_kwargs, undo_ga = ({"scale_wrt_gas": False}, 1.0) if deepspeed else \
         ({}, float(loop.gradient_accumulation_steps))
     step_loss = torch.zeros((), device=acc.device)
+    step_extras: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(window):
         last = i == len(window) - 1
         acc.sync_gradients = last  # the optimizer and scheduler only step when True
         with acc.no_sync(model) if not last and not deepspeed else contextlib.nullcontext():
-            loss = loop.loss_fn(model, batch)
-            weighted = loss * (counts[i] * acc.num_processes / window_items)
+            loss, extras = split_loss(loop.loss_fn(model, batch))
+            share = counts[i] * acc.num_processes / window_items  # this micro-batch's share of the window
+            weighted = loss * share
             acc.backward(weighted * undo_ga, **backward_kwargs)
         step_loss += weighted.detach()
+        for name, value in extras.items():  # logged like the loss: a mean over the window's items
+            step_extras[name] = step_extras.get(name, 0.0) + torch.as_tensor(value, device=acc.device).detach().float() * share
         loop.window.add_micro_batch(batch, loop.num_tokens_fn(batch))
-        del loss, weighted  # keep nothing of this micro-batch alive into the next one
+        del loss, weighted, extras  # keep nothing of this micro-batch alive into the next one
 
     grad_norm = None
     if loop.config.max_grad_norm > 0:
@@ -69,5 +74,5 @@ def train_step(loop, window: list) -> None:
         loop.scheduler.step()
     loop.optimizer.zero_grad(set_to_none=True)
     # Summed on device; the host only syncs when logging (and for the flags above).
-    loop.window.add_step(step_loss, grad_norm)
+    loop.window.add_step(step_loss, grad_norm, step_extras)
 
