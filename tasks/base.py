@@ -35,7 +35,11 @@ methods below:
 6. `prepare_datasets(raw, tokenizer)` -> tokenized `DatasetDict` with the same split names
    (per-split `datasets.map` through `notrainer.data.files.map_splits`).
 7. `collator(tokenizer)` -> the DataLoader's collate_fn.
-8. Per step, called by the Loop: `loss(model, batch)`, `num_items(batch)`,
+8. `frozen_models()` -> {attribute name: model} for the models the task runs without training
+   them (dpo: its reference copy). After the engine has wrapped the trained model, the CLI
+   places each (`notrainer.engine.prepare.prepare_frozen`: sharded under ZeRO-3 and FSDP2, on
+   the device otherwise) and sets it back on that attribute. Default: none.
+9. Per step, called by the Loop: `loss(model, batch)`, `num_items(batch)`,
    `num_tokens(batch)`; per evaluation: `eval_step(model, batch)` then
    `compute_metrics(outputs, eval_loss)`; with do_predict: `predict_step` then
    `format_predictions`.
@@ -243,10 +247,17 @@ class Task:
         stream's first rows, for columns and formats."""
         raise UsageError(f"task={self.name} cannot stream; streaming=true works with clm, sft and mlm")
 
-    # ------------------------------------------------------------------ 8. training and evaluation
+    # ------------------------------------------------------------------ 8. frozen models
+
+    def frozen_models(self) -> dict[str, torch.nn.Module]:
+        """{attribute: model} for the frozen models the task runs (see the module docstring)."""
+        return {}
+
+    # ------------------------------------------------------------------ 9. training and evaluation
 
     def loss(self, model, batch) -> torch.Tensor:
-        """Mean loss over the batch's items (see num_items)."""
+        """Mean loss over the batch's items (see num_items); or a dict {"loss": loss, "name": scalar}
+        whose other scalars are logged beside train_loss (task=dpo's rewards/*)."""
         return model(**batch).loss
 
     def num_items(self, batch):

@@ -12,10 +12,10 @@ The reference model (the loss types sigmoid, ipo, hinge), the cheapest exact cho
   - `precompute_ref_log_probs=true`: one pass over the data before training, with the initial
     weights; stored in output_dir/reference_logps/ so that a resume reads it instead of redoing it;
   - otherwise a frozen copy of the initial model, made in `setup` (before the engine wraps the
-    policy), in eval mode with no gradients, moved to the batch's device at its first use and run
-    under the same autocast as the policy. It is never wrapped by DDP (it has no gradients to sync).
-    Under FSDP / DeepSpeed ZeRO-3 it is NOT sharded: each process holds a full copy; use a peft
-    adapter or precompute_ref_log_probs=true there.
+    policy), in eval mode with no gradients, run under the same autocast as the policy. The CLI
+    has the engine place it (`frozen_models`, notrainer.engine.prepare.prepare_frozen): sharded
+    like the policy under DeepSpeed ZeRO-3 (an inference-only engine) and FSDP2, on the device
+    otherwise; it is never wrapped by DDP (it has no gradients to sync) nor checkpointed.
 
 Metrics, as TRL's DPO trainer: in the training log (each logging step) rewards/chosen, rewards/rejected,
 rewards/accuracies, rewards/margins, logps/chosen, logps/rejected; in evaluation (eval_ prefix) rewards/chosen, rewards/rejected,
@@ -26,7 +26,6 @@ chosen-minus-rejected log-probability) and, with a reference, ref_logps/margins.
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import os
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 from notrainer.config import key
+from notrainer.engine.prepare import frozen_copy
 from notrainer.errors import check, did_you_mean
 from notrainer.modeling import preference_losses as pl
 
@@ -91,14 +91,21 @@ class DPOTask(PreferenceTask):
         if cfg.loss_type in pl.REFERENCE_FREE_LOSSES:
             self._reference = "none"
         elif cfg.precompute_ref_log_probs:
-            self._reference, self._ref_model = "precomputed", model
+            # The pass runs before the engine wraps the policy, inside main_process_first (no collectives
+            # there): a model ZeRO-3 partitioned as it was built is copied with its weights gathered here.
+            partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
+            self._reference, self._ref_model = "precomputed", frozen_copy(model) if partitioned else model
         elif _adds_adapter(cfg) and not is_peft_model(model):
             self._reference = "adapter"  # the base is the policy before training: exact
         else:
             # An adapter loaded from model_name_or_path keeps training: the reference is that adapted
             # model as loaded, so it is copied too.
             self._reference = "copy"
-            self._ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+            self._ref_model = frozen_copy(model)
+
+    def frozen_models(self):
+        """The frozen copy, which the CLI has the engine place (sharded under ZeRO-3 / FSDP2)."""
+        return {"_ref_model": self._ref_model} if self._reference == "copy" else {}
 
     # ------------------------------------------------------------------ precomputed reference log-probs
 
@@ -197,8 +204,8 @@ class DPOTask(PreferenceTask):
             return c, r
         ref = self._ref_model
         device = batch["input_ids"].device
-        if next(ref.parameters()).device != device:  # first use: follow the batches onto the device
-            ref.to(device)
+        if not getattr(ref, "placed_by_engine", False) and next(ref.parameters()).device != device:
+            ref.to(device)  # a Loop outside the CLI: follow the batches onto the device at first use
         with self._autocast(device):
             c, r, _, _ = self._policy_logps(ref, batch)
         return c, r

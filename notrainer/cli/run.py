@@ -231,6 +231,7 @@ def build(cfg, task_cls):
 
     from notrainer.config import save_yaml, to_dict
     from notrainer.engine.loop import Loop
+    from notrainer.engine.prepare import local_share, prepare_frozen
     from notrainer.modeling import adapter_checkpoints
     from notrainer.modeling.lora import apply_lora, is_peft_model
     from notrainer.modeling.peft_methods import wants_merge
@@ -315,6 +316,9 @@ def build(cfg, task_cls):
                 predict_loader=predict_loader, scheduler=scheduler_factory(cfg, acc),
                 export=export_policy(tokenizer, output_dir=cfg.output_dir, merge_lora=wants_merge(cfg)),
                 run_config=to_dict(cfg), resume=resume, events=run_events(cfg, planned.repo_id))
+    for name, frozen in task.frozen_models().items():  # after the trained model: the engine's config is complete
+        setattr(task, name, prepare_frozen(acc, frozen))
+        acc.print(f"frozen model {name.strip('_')}: {local_share(getattr(task, name)):.0%} of its weights on each process")
     return loop, task
 
 

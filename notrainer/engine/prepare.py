@@ -67,3 +67,77 @@ def _planned_steps(loop, train_loader) -> int:
         return cfg.max_train_steps
     per_process = math.ceil(len(train_loader) / loop.accelerator.num_processes)
     return max(1, math.ceil(cfg.num_train_epochs * math.ceil(per_process / loop.gradient_accumulation_steps)))
+
+
+def prepare_frozen(acc, model):
+    """A model that runs but never trains (a task's frozen reference), placed for the engine in use:
+    sharded like the policy under DeepSpeed ZeRO-3 (an inference-only DeepSpeed engine) and FSDP2
+    (fully_shard with the recipe's wrap policy), so no process holds a full copy; on the device
+    otherwise (DDP, ZeRO-1/2, one process: those keep full weights on every process anyway). It is
+    not registered with accelerate, so checkpoints hold the trained model only."""
+    placed = _place_frozen(acc, model.eval().requires_grad_(False))
+    placed.placed_by_engine = True  # the task must not move it again (ZeRO-3 may keep it offloaded on the CPU)
+    return placed
+
+
+def local_share(model) -> float:
+    """The fraction of a model's weights this process holds (1.0 unsharded; about 1/processes
+    under ZeRO-3 or FSDP2)."""
+    held = total = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_numel"):  # ZeRO-3: the partition is p.ds_tensor
+            held, total = held + p.ds_tensor.numel(), total + p.ds_numel
+        elif hasattr(p, "to_local"):  # FSDP2: a DTensor
+            held, total = held + p.to_local().numel(), total + p.numel()
+        else:
+            held, total = held + p.numel(), total + p.numel()
+    return held / max(total, 1)
+
+
+def _place_frozen(acc, model):
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        import copy
+
+        import deepspeed
+
+        ds = copy.deepcopy(acc.state.deepspeed_plugin.deepspeed_config)  # `auto` values already filled by prepare
+        zero = ds.setdefault("zero_optimization", {})
+        if int(zero.get("stage", 0)) != 3:
+            return model.to(acc.device)
+        for section in ("optimizer", "scheduler"):  # nothing to update: no optimizer, no schedule
+            ds.pop(section, None)
+        zero.pop("offload_optimizer", None)
+        engine, *_ = deepspeed.initialize(model=model, config=ds)
+        engine.eval()  # DeepSpeedEngine.eval returns None
+        return engine
+    if acc.distributed_type == DistributedType.FSDP:
+        from accelerate.utils import fsdp2_prepare_model
+
+        sharded = fsdp2_prepare_model(acc, model.to(acc.device))
+        sharded.eval()
+        return sharded
+    return model.to(acc.device)
+
+
+def full_weights(model):
+    """A context in which `model` has its full weights on every process: a model that DeepSpeed
+    ZeRO-3 partitioned as it was built (deepspeed.zero.Init: each parameter an empty placeholder
+    until gathered) is gathered for the duration; any other model is used as it is."""
+    import contextlib
+
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
+
+
+def frozen_copy(model):
+    """A frozen copy of `model` (eval mode, no gradients) with its current weights, also when ZeRO-3
+    partitioned them at build time (the copy is then full on each process until `prepare_frozen`
+    shards it)."""
+    import copy
+
+    with full_weights(model):
+        return copy.deepcopy(model).eval().requires_grad_(False)
