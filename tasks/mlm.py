@@ -65,7 +65,7 @@ class MLMTask(Task):
     def builtin_datasets(self):
         from .clm import builtin_text_splits
 
-        return builtin_text_splits()  # the same grammar corpus as task=clm
+        return builtin_text_splits(topical=False)  # task=clm's grammar, each sentence drawn on its own
 
     def tokenizer_texts(self, raw):
         return raw["train"][self.text_column(raw["train"])]

@@ -208,3 +208,14 @@ def test_two_processes_give_the_same_sliding_window_perplexity(trained, tmp_path
     assert one["eval_samples"] == two["eval_samples"] and one["eval_samples"] % 32 != 0
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-6)
     assert two["eval_perplexity"] == pytest.approx(one["eval_perplexity"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_the_default_run_scores_lower_with_a_sliding_window(tmp_path):
+    """The embedded default trained in full (its documents keep to a cast, so context past the
+    current sentence helps): a stride of half a block gives every token more context than the
+    blocks do, and a lower perplexity."""
+    out = tmp_path / "run"
+    blocks = run_cli("task=clm", "report_to=none", output_dir=out)["eval_perplexity"]
+    window = _evaluate(out, tmp_path / "s32", "eval_stride=32")["eval_perplexity"]
+    assert window < blocks, (window, blocks)
