@@ -23,9 +23,12 @@ def _launch_env(name: str, monkeypatch) -> tuple:
 
     monkeypatch.chdir(REPO)  # file paths inside the recipes are relative to the repository
     args = launch_command_parser().parse_args(["--config_file", str(LAUNCH / f"{name}.yaml"), "-m", "notrainer.run"])
-    args, defaults, _ = _validate_launch_command(args)
-    if args.use_deepspeed:
+    args, defaults, mp_from_config = _validate_launch_command(args)
+    if args.use_deepspeed:  # as accelerate.commands.launch.launch_command builds it
         args.deepspeed_fields_from_accelerate_config = list(defaults.deepspeed_config.keys())
+        if mp_from_config:  # with a deepspeed_config_file, DeepSpeedPlugin() refuses it
+            args.deepspeed_fields_from_accelerate_config.append("mixed_precision")
+        args.deepspeed_fields_from_accelerate_config = ",".join(args.deepspeed_fields_from_accelerate_config)
         _, env = prepare_deepspeed_cmd_env(args)
     else:
         env = prepare_multi_gpu_env(args)
@@ -76,8 +79,11 @@ def test_deepspeed_recipes_give_the_promised_zero_config(name, stage, offload, g
     assert plugin.gradient_accumulation_steps == "auto"  # filled in from notrainer's gradient_accumulation_steps
     if stage == 3:
         assert plugin.zero3_init_flag is True
-    if offload == "cpu":  # notrainer's torch AdamW is a client optimizer
-        assert plugin.deepspeed_config["zero_force_ds_cpu_optimizer"] is False
+    if offload == "cpu":  # the precision is in the JSON file (accelerate refuses the yaml key beside it)
+        assert plugin.deepspeed_config["bf16"]["enabled"] is True
+        # no zero_force_ds_cpu_optimizer: notrainer's default there is DeepSpeedCPUAdam, and it sets
+        # the key false itself so that accelerate keeps the optimizer optim= names
+        assert "zero_force_ds_cpu_optimizer" not in plugin.deepspeed_config
 
 
 def test_fsdp2_recipe_is_full_shard_with_transformer_layer_wrap(monkeypatch):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from notrainer.errors import UsageError
-from notrainer.modeling.optim import OPTIMIZERS, BITSANDBYTES, build_optimizer, parse_optim_args
+from notrainer.modeling.optim import (OPTIMIZERS, BITSANDBYTES, DEEPSPEED_ADAMS, build_optimizer, param_groups,
+                                      parse_optim_args, resolve_optim)
 
 TORCH_ONLY = [name for name in OPTIMIZERS if name not in BITSANDBYTES]
 
@@ -39,6 +40,10 @@ def _train(optim: str, optim_args: str | None = None, steps: int = 40) -> list[f
 @pytest.mark.parametrize("optim", TORCH_ONLY)
 @pytest.mark.slow
 def test_each_optimizer_trains(optim):
+    if optim in DEEPSPEED_ADAMS:
+        pytest.importorskip("deepspeed")
+        if optim == "deepspeed_fused_adam" and torch.cuda.is_available():
+            pytest.skip("a CUDA kernel, and this net is on the CPU (without CUDA DeepSpeed's CPU build of it runs)")
     losses = _train(optim, "momentum=0.9" if optim == "sgd" else None)
     assert losses[-1] < 0.5 * losses[0], (optim, losses[0], losses[-1])
 
@@ -87,6 +92,74 @@ def test_unknown_optim_and_bad_args_are_refused_before_training():
     assert cfg.optim == "sgd" and cfg.optim_args == "momentum=0.9"
     with pytest.raises(UsageError, match="optim=sgd could not be built"):  # a bad value: one line, not a traceback
         build_optimizer(torch.nn.Linear(2, 2), _cfg("sgd", "momentum=-1"), torch.device("cpu"))
+
+
+def test_deepspeed_fused_adam_without_cuda_is_refused_before_training():
+    from notrainer.cli.run import parse_args
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UsageError, match="optim=deepspeed_fused_adam is a CUDA kernel and this machine has no CUDA"):
+        parse_args(["task=clm", "optim=deepspeed_fused_adam"])
+
+
+def _deepspeed_accelerator(ds: dict, device: str = "cpu"):
+    """What resolve_optim reads of an Accelerator under a DeepSpeed launch (the plugin's config)."""
+    plugin = types.SimpleNamespace(deepspeed_config=ds)
+    return types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=plugin), device=torch.device(device),
+                                 is_main_process=True)
+
+
+def _resolved(optim: str | None, ds: dict | None, device: str = "cpu") -> str | None:
+    cfg = _cfg(optim)
+    resolve_optim(cfg, _deepspeed_accelerator(ds, device) if ds is not None else None)
+    return cfg.optim
+
+
+def test_optim_follows_the_deepspeed_config(capsys):
+    offload = lambda **extra: {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}, **extra}
+    assert _resolved(None, None) == "adamw_torch"
+    assert _resolved(None, {"zero_optimization": {"stage": 2}}) == "adamw_torch"
+    # Optimizer offload: DeepSpeed's CPU Adam, and accelerate told to keep it (it would otherwise
+    # rebuild it as Adam with L2 decay and leave the scheduler on the discarded original).
+    ds = offload()
+    assert _resolved(None, ds) == "deepspeed_cpu_adam" and ds["zero_force_ds_cpu_optimizer"] is False
+    ds = offload(zero_force_ds_cpu_optimizer=True)  # DeepSpeed's own check is met by its CPU Adam
+    assert _resolved(None, ds) == "deepspeed_cpu_adam" and ds["zero_force_ds_cpu_optimizer"] is False
+    # Another optim= runs its torch update on the CPU, and says so ...
+    ds = offload()
+    assert _resolved("sgd", ds) == "sgd" and ds["zero_force_ds_cpu_optimizer"] is False
+    assert "notrainer: note: optim=sgd under ZeRO optimizer offload: its torch update runs on the CPU" in \
+        capsys.readouterr().err
+    # ... unless the config insists on DeepSpeed's CPU optimizers.
+    with pytest.raises(UsageError, match="optim=sgd under ZeRO optimizer offload, but the DeepSpeed config says "
+                                         "zero_force_ds_cpu_optimizer: true"):
+        _resolved("sgd", offload(zero_force_ds_cpu_optimizer=True))
+    with pytest.raises(UsageError, match="optim=deepspeed_fused_adam runs on GPU parameters, but the DeepSpeed "
+                                         "config offloads the optimizer"):
+        _resolved("deepspeed_fused_adam", offload())
+    with pytest.raises(UsageError, match="optim=deepspeed_cpu_adam updates CPU parameters"):
+        _resolved("deepspeed_cpu_adam", {"zero_optimization": {"stage": 2}}, device="cuda")
+    # A config with its own optimizer section: that one is used, and an optim= key contradicts it.
+    own = {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}
+    assert _resolved(None, own) is None
+    with pytest.raises(UsageError, match=r"optim=deepspeed_cpu_adam but the DeepSpeed config defines its own "
+                                         r"optimizer \(AdamW\); drop one of them"):
+        _resolved("deepspeed_cpu_adam", own)
+
+
+def test_weight_decay_groups_see_zero3_partitioned_shapes():
+    """A parameter that ZeRO-3 partitioned at creation is an empty 1-d tensor with its real shape
+    in ds_shape: a weight matrix still gets weight decay, a bias still does not."""
+    model = torch.nn.Linear(4, 4)
+    for name in ("weight", "bias"):
+        full = getattr(model, name)
+        part = torch.nn.Parameter(torch.empty(0))
+        part.ds_shape = full.shape
+        setattr(model, name, part)
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["params"] == [model.weight] and decay["weight_decay"] == 0.1
+    assert no_decay["params"] == [model.bias] and no_decay["weight_decay"] == 0.0
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ sharded (see Loop).
 
 Without `optim=`, the optimizer is torch's AdamW, or DeepSpeed's CPU Adam when the DeepSpeed
 config offloads the optimizer state to the CPU (ZeRO-Offload: the update then runs on the CPU,
-where DeepSpeedCPUAdam's vectorised kernel is several times faster than torch's AdamW; see
+where DeepSpeedCPUAdam's vectorised kernel is a few times faster than torch's default AdamW;
 bench/ds_cpu_adam.py). A DeepSpeed config with its own `optimizer` / `scheduler` sections is
 honoured: the optimizer becomes accelerate's `DummyOptim` and the schedule its `DummyScheduler`,
 so DeepSpeed builds what the recipe says (docs/distributed.md).
@@ -48,8 +48,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        # 1-d tensors are biases and norm weights: decaying them hurts and no anchor does it.
-        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+        # 1-d tensors are biases and norm weights: decaying them hurts and no anchor does it. A
+        # parameter ZeRO-3 partitioned at creation (deepspeed.zero.Init) is an empty 1-d tensor
+        # here; its real shape is ds_shape (without it every weight went undecayed).
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (no_decay if ndim < 2 or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
@@ -183,6 +186,32 @@ def resolve_optim(cfg, accelerator=None) -> None:
         check(ds is None or not _offloads_optimizer(ds), "optim=deepspeed_fused_adam runs on GPU parameters, but the "
                                                          "DeepSpeed config offloads the optimizer to the CPU; use "
                                                          "deepspeed_cpu_adam")
+    if _offloads_optimizer(ds):
+        _keep_client_optimizer(cfg.optim, ds, accelerator)
+
+
+def _keep_client_optimizer(name: str, ds: dict, accelerator) -> None:
+    """Under ZeRO optimizer offload accelerate swaps the client optimizer for a DeepSpeedCPUAdam of
+    its own making unless the DeepSpeed config says `zero_force_ds_cpu_optimizer: false`
+    (`accelerate.utils.map_pytorch_optim_to_deepspeed`, accelerate 1.15): only lr and weight_decay
+    carry over, optim_args are lost, and anything but torch's AdamW, DeepSpeedCPUAdam included,
+    becomes Adam with L2 decay (`adamw_mode=False`). The scheduler, built on notrainer's optimizer,
+    keeps driving that one, which never steps: the copy shares its param groups only until a
+    resume loads the checkpoint's (a kill -9 resume then ended elsewhere than the uninterrupted
+    run). So notrainer sets the key false and the optimizer that `optim=` names is the one
+    DeepSpeed steps. DeepSpeed's own use of the key (refuse
+    a client optimizer that is not a DeepSpeed CPU one) is met by deepspeed_cpu_adam; another
+    `optim=` then runs its torch update on the CPU, as the user asked, unless the config set the
+    key true itself, which contradicts it."""
+    if name != "deepspeed_cpu_adam":
+        check(ds.get("zero_force_ds_cpu_optimizer") is not True,
+              f"optim={name} under ZeRO optimizer offload, but the DeepSpeed config says zero_force_ds_cpu_optimizer: "
+              f"true (DeepSpeed's CPU Adam only); drop optim= (deepspeed_cpu_adam is the default there) or that key")
+        if getattr(accelerator, "is_main_process", True):
+            print(f"notrainer: note: optim={name} under ZeRO optimizer offload: its torch update runs on the CPU "
+                  f"(deepspeed_cpu_adam, the default there, is faster than adamw_torch; bench/ds_cpu_adam.py)",
+                  file=sys.stderr)
+    ds["zero_force_ds_cpu_optimizer"] = False
 
 
 def build_optimizer(model: torch.nn.Module, cfg, device: torch.device | None = None, accelerator=None):
@@ -197,8 +226,9 @@ def build_optimizer(model: torch.nn.Module, cfg, device: torch.device | None = N
             print(f"notrainer: note: the DeepSpeed config's optimizer ({ds['optimizer'].get('type')}) is used",
                   file=sys.stderr)
         return DummyOptim(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    if getattr(cfg, "optim", None) is None:
-        resolve_optim(cfg, accelerator)
+    unsettled = _offloads_optimizer(ds) and ds.get("zero_force_ds_cpu_optimizer") is not False
+    if getattr(cfg, "optim", None) is None or unsettled:
+        resolve_optim(cfg, accelerator)  # the CLI did it in plan(); a Loop-API caller may not have
     name = cfg.optim
     device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
     cls = optimizer_class(name)
