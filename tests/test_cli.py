@@ -32,8 +32,10 @@ def test_types_and_nested_keys_parse():
 
 
 def test_embedded_defaults_apply_only_without_a_model_and_yield_to_the_user():
+    from notrainer.tasks.clm import CLMTask
+
     cfg, _ = parse_args(["task=clm"])
-    assert cfg.learning_rate == 2e-3
+    assert cfg.learning_rate == CLMTask.embedded_defaults["learning_rate"] != 5e-5
     cfg, _ = parse_args(["task=clm", "learning_rate=1e-4"])
     assert cfg.learning_rate == 1e-4
     cfg, _ = parse_args(["task=clm", "model_name_or_path=some/model"])
