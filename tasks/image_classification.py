@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from notrainer.config import TrainConfig, key
+from notrainer.config import key
 from notrainer.data import files as data
 from notrainer.errors import UsageError, check
 
@@ -43,25 +43,11 @@ LABEL_CANDIDATES = ("label", "labels", "fine_label", "class")
 
 
 @dataclass
-class ImageClassificationConfig(TrainConfig):
-    image_column: Optional[str] = key(None, "column with the image (or its path) (default: image, img, image_path, path, file)")
+class ImageClassificationConfig(vision.VisionConfig):
     label_column: Optional[str] = key(None, "column with the label (default: label, labels)")
-    id2label: Optional[str] = key(None, "label names in id order: a json file, inline json ({\"0\": \"cat\", ...}) or a comma list "
-                                        "(default: from the data)")
-    image_processor_name: Optional[str] = key(None, "image processor folder or hub name (default: model_name_or_path's, else a "
-                                                    "plain resize + normalize)")
-    image_size: int = key(224, "side of the square images of the built-in image processor (ignored with a model's processor)")
-    augment: bool = key(True, "train-time augmentation: random resized crop (and horizontal_flip); none at eval")
-    horizontal_flip: bool = key(True, "with augment: flip half of the training images left-right")
-    crop_scale_min: float = key(0.08, "with augment: smallest area fraction of a random resized crop")
-
-    def task_reads_itself(self, value) -> bool:
-        return vision.is_image_folder(value)  # class / pair / image folders: read by the task, not as data files
 
     def validate(self) -> None:
         super().validate()
-        check(0 < self.crop_scale_min <= 1, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
-        check(self.image_size >= 8, f"image_size must be >= 8, got {self.image_size}")
         named = [c for c in (self.image_column, self.label_column) if c]
         check(len(named) == len(set(named)), "image_column and label_column must name different columns")
 

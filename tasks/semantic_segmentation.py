@@ -37,7 +37,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from notrainer.config import TrainConfig, key
+from notrainer.config import key
 from notrainer.data import files as data
 from notrainer.errors import UsageError, check
 
@@ -50,27 +50,18 @@ PREDICTED_MASKS = "predicted_masks"
 
 
 @dataclass
-class SemanticSegmentationConfig(TrainConfig):
-    image_column: Optional[str] = key(None, "column with the image (or its path) (default: image, img, image_path, path, file)")
+class SemanticSegmentationConfig(vision.VisionConfig):
     mask_column: Optional[str] = key(None, "column with the mask (or its path) (default: mask, annotation, label)")
-    id2label: Optional[str] = key(None, "label names in id order: a json file, inline json ({\"0\": \"wall\", ...}) or a comma "
-                                        "list (default: the ids in the training masks)")
     reduce_labels: bool = key(False, "mask value 0 (background) becomes ignore_index 255 and every other id goes down by one")
     ignore_index: int = key(255, "mask value that counts in neither the loss nor the metrics")
-    image_processor_name: Optional[str] = key(None, "image processor folder or hub name (default: model_name_or_path's, else a "
-                                                    "plain resize + normalize)")
+    # Segmentation's own defaults for two shared keys.
     image_size: int = key(512, "side of the square images of the built-in image processor (ignored with a model's processor)")
-    augment: bool = key(True, "train-time augmentation: the same random resized crop (and horizontal_flip) for image and mask")
-    horizontal_flip: bool = key(True, "with augment: flip half of the training images (and masks) left-right")
     crop_scale_min: float = key(0.25, "with augment: smallest area fraction of a random resized crop")
 
-    def task_reads_itself(self, value) -> bool:
-        return vision.is_image_folder(value)  # class / pair / image folders: read by the task, not as data files
+    min_image_size = 16
 
     def validate(self) -> None:
         super().validate()
-        check(0 < self.crop_scale_min <= 1, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
-        check(self.image_size >= 16, f"image_size must be >= 16, got {self.image_size}")
         check(self.ignore_index >= 0, f"ignore_index must be >= 0, got {self.ignore_index}")
 
 

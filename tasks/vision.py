@@ -4,6 +4,8 @@
 - Reading images: `check_image` (exists and decodes), `class_folder` (one subfolder per class),
   `pair_folder` (images/ and masks/ with matching names), `resolve_paths` (a path column of a
   csv/jsonl, relative to the file's folder).
+- `VisionConfig`: the keys both vision tasks share (image column, id2label, image processor,
+  image size, augmentation).
 - `parse_id2label`: label names from a json file, inline json or a comma list.
 - `build_image_processor`: `AutoImageProcessor` with the PIL backend (no torchvision needed).
 - Augmentation drawn from torch's RNG (the loop's data RNG stream makes resume exact):
@@ -18,10 +20,41 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
+from typing import Optional
 
+from notrainer.config import TrainConfig, key
 from notrainer.errors import UsageError, check, first_line
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+@dataclass
+class VisionConfig(TrainConfig):
+    """Keys image_classification and semantic_segmentation share; each redeclares only a default."""
+
+    image_column: Optional[str] = key(None, "column with the image (or its path) (default: image, img, image_path, path, file)")
+    id2label: Optional[str] = key(None, "label names in id order: a json file, inline json ({\"0\": \"cat\", ...}) or a comma list "
+                                        "(default: from the data)")
+    image_processor_name: Optional[str] = key(None, "image processor folder or hub name (default: model_name_or_path's, else a "
+                                                    "plain resize + normalize)")
+    image_size: int = key(224, "side of the square images of the built-in image processor (ignored with a model's processor)")
+    augment: bool = key(True, "train-time augmentation: random resized crop (and horizontal_flip), a mask cropped "
+                              "alike; none at eval")
+    horizontal_flip: bool = key(True, "with augment: flip half of the training images (and masks) left-right")
+    crop_scale_min: float = key(0.08, "with augment: smallest area fraction of a random resized crop")
+
+    #: the smallest image_size the task's tiny default model takes
+    min_image_size = 8
+
+    def task_reads_itself(self, value) -> bool:
+        return is_image_folder(value)  # class / pair / image folders: read by the task, not as data files
+
+    def validate(self) -> None:
+        super().validate()
+        check(0 < self.crop_scale_min <= 1, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        check(self.image_size >= self.min_image_size,
+              f"image_size must be >= {self.min_image_size}, got {self.image_size}")
 
 
 def require_pillow(task_name: str) -> None:
