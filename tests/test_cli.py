@@ -105,6 +105,21 @@ def test_cli_exit_status_and_single_line_on_stderr(tmp_path):
     assert not any(tmp_path.iterdir()), "nothing is written before the input is valid"
 
 
+def test_import_time_warnings_of_bitsandbytes_and_kernels_stay_off_stderr():
+    """Whether or not they are installed: their warnings at peft's import (a Hub kernel they cannot
+    have offline) would otherwise come before every one-line error (docs/versions.md)."""
+    code = textwrap.dedent("""
+        import logging
+        import notrainer.cli.run
+        logging.getLogger("kernels._internals.hf_hub").warning("Skipping publisher trust check")
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
+        logging.getLogger("kernels").error("an error still shows")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip().splitlines() == ["an error still shows"]
+
+
 @pytest.mark.slow
 def test_subclassed_task_from_a_file(tmp_path):
     """task=path/file.py:Class runs a user's subclass; its collator is the one used."""

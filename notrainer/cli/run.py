@@ -17,10 +17,14 @@ from typing import Any, Optional
 
 from notrainer.errors import UsageError
 
-# bitsandbytes (imported by peft whenever it is installed) logs at import, on CPUs with
-# AVX512-BF16, that its optional `kernels` package is missing: a stray stderr line in every run
-# (and in front of our one-line errors). That package would fetch kernels from the Hub anyway.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# bitsandbytes (imported by peft whenever it is installed) asks the `kernels` package for a Hub
+# kernel at import, on CPUs with AVX512-BF16, and logs a warning when it cannot have one: that
+# `kernels` is missing (bitsandbytes' logger) or, with `kernels` installed (transformers >= 5.25
+# requires it) and the Hub offline, that the publisher trust check was skipped (kernels' logger).
+# Either is a stray stderr line in every run and in front of our one-line errors. notrainer
+# itself loads models with `use_kernels=False`, so nothing it asks for is lost by quieting them.
+for _noisy in ("bitsandbytes.backends.cpu.ops", "kernels"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 EXIT_USAGE = 2
 
