@@ -181,8 +181,10 @@ def test_streaming_trains_like_the_map_style_path(tmp_path, task, steps):
     from conftest import one_thread, reset_accelerate_state, run_cli
 
     train, val = _task_data(tmp_path, task)
+    # With a train_file clm takes the model's 512 positions as block_size; 128 makes the same
+    # comparison (streamed/map-style eval loss 0.983 here) at a sixth of the test's time.
     common = [f"task={task}", f"train_file={train}", f"validation_file={val}", f"max_train_steps={steps}",
-              "logging_steps=1000", "progress=false"]
+              "logging_steps=1000", "progress=false", *(["block_size=128"] if task == "clm" else [])]
     with one_thread():
         mapped = run_cli(*common, output_dir=tmp_path / "map")
         reset_accelerate_state()
